@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - venv, install, run `gradaccum verify` on the built-in example
+#   make test   - venv, install (+ OS packages: OpenMPI, Slurm, munge), run the whole suite
+#
+# TORCH_SPEC picks the torch build installed before the project. The default is the
+# CPU wheel; GPU users: make test TORCH_SPEC='torch' (or a CUDA index URL via PIP_EXTRA).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP_EXTRA  ?=
+PYTEST_ARGS ?=
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.gradaccum-installed
+
+.PHONY: demo test test-quick venv os-deps lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[all,test]'
+	touch $@
+
+os-deps:
+	bash .ci/os-deps.sh
+
+demo: venv
+	$(BIN)/gradaccum plan --global-batch-size 96 --micro-batch-size 4 --nnodes 2 --nproc-per-node 4
+
+# pytest exit 5 (no tests collected) is a failure, not a pass.
+test: os-deps venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-quick: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check launcher trainers tests
+	$(BIN)/ruff format --check launcher trainers tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+from launcher.cli import entry_point
+
+entry_point()
