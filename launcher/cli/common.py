@@ -15,16 +15,16 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("batch plan (give two of the three, or the global batch alone)")
     g.add_argument("--global-batch-size", type=int, metavar="G", help="samples per optimizer step, all ranks together")
     g.add_argument("--micro-batch-size", type=int, metavar="M", help="samples per forward/backward on one rank")
-    g.add_argument(
-        "--gradient-accumulation-steps", type=int, metavar="K", help="micro-steps per optimizer step"
-    )
+    g.add_argument("--gradient-accumulation-steps", type=int, metavar="K", help="micro-steps per optimizer step")
     g.add_argument(
         "--max-micro-batch-size",
         type=int,
         metavar="M",
         help="with the global batch alone: the largest micro-batch to consider (default: no limit)",
     )
-    g.add_argument("--model-parallel-size", type=int, default=1, metavar="N", help="ranks per model replica (default 1)")
+    g.add_argument(
+        "--model-parallel-size", type=int, default=1, metavar="N", help="ranks per model replica (default 1)"
+    )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="training precision recorded in the plan")
 
 
