@@ -87,6 +87,35 @@ def _reap_group(pgid: int, grace_s: float) -> None:
         pass
 
 
+def capture_command(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run a short query command (`scontrol show hostnames ...`) and capture its text output.
+
+    A missing program or a timeout comes back as a CompletedProcess with returncode 127 /
+    124 and the reason on stderr, so callers handle one kind of failure.
+    """
+    if isinstance(argv, str):
+        raise TypeError("argv must be a list of arguments, not a shell string")
+    try:
+        return subprocess.run(
+            list(argv),
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]}: no answer within {timeout} s")
+
+
 def python_module_argv(module: str, *args: str) -> list[str]:
     """argv for `python -m MODULE ARGS` with this interpreter."""
     return [sys.executable, "-m", module, *args]
