@@ -278,7 +278,7 @@ class BatchPlan:
                 self.data_parallel_size,
                 f"world {self.world_size} / model-parallel {self.model_parallel_size}",
             ),
-            ("samples per rank per step", self.samples_per_rank_per_step, f"{k} micro-steps"),
+            ("samples per rank per step", self.samples_per_rank_per_step, f"{k} micro-step{'s' if k > 1 else ''}"),
             (
                 "gradient all-reduces per step",
                 self.allreduces_per_step,

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.lr import LR_RULES, LRRule
 from launcher.plan import PRECISIONS, BatchPlan
 
 
@@ -26,6 +27,25 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         "--model-parallel-size", type=int, default=1, metavar="N", help="ranks per model replica (default 1)"
     )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="training precision recorded in the plan")
+
+
+def add_lr_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("learning rate tied to the global batch")
+    g.add_argument(
+        "--lr-scaling",
+        choices=LR_RULES,
+        default="none",
+        help="linear (Goyal et al., for SGD with warm-up), sqrt (adaptive optimizers) or none (default)",
+    )
+    g.add_argument("--base-lr", type=float, metavar="LR", help="the learning rate that is right at --base-batch-size")
+    g.add_argument("--base-batch-size", type=int, metavar="B", help="the global batch --base-lr was tuned for")
+    g.add_argument(
+        "--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up to the scaled lr (default 0)"
+    )
+
+
+def lr_rule_from_args(args: argparse.Namespace) -> LRRule:
+    return LRRule(args.lr_scaling, args.base_lr, args.base_batch_size, args.warmup_steps)
 
 
 def add_world_args(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from launcher.cli.common import add_batch_args, add_json_flag, add_world_args, plan_from_args, print_json
+from launcher.cli.common import (
+    add_batch_args,
+    add_json_flag,
+    add_lr_args,
+    add_world_args,
+    lr_rule_from_args,
+    plan_from_args,
+    print_json,
+)
+from launcher.memory import MemoryModel, choose_micro_batch_size, micro_options, options_table, parse_bytes
 
 ORDER = 10
 
@@ -22,17 +32,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_batch_args(p)
     add_world_args(p)
+    add_lr_args(p)
+    m = p.add_argument_group("memory trade-off table (micro-batch / accumulation choices)")
+    m.add_argument(
+        "--memory-per-sample", type=parse_bytes, metavar="SIZE", help="peak memory per micro-batch sample, e.g. 180MiB"
+    )
+    m.add_argument(
+        "--memory-base",
+        type=parse_bytes,
+        default=0,
+        metavar="SIZE",
+        help="peak memory at micro 0: weights, grads, optimizer state",
+    )
+    m.add_argument(
+        "--memory-budget", type=parse_bytes, metavar="SIZE", help="device memory to fit under (10%% is kept as margin)"
+    )
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
+    lr = lr_rule_from_args(args)
+    options = None
+    if args.memory_per_sample is not None:
+        model = MemoryModel(args.memory_base, args.memory_per_sample)
+        if (
+            args.memory_budget is not None
+            and args.micro_batch_size is None
+            and args.gradient_accumulation_steps is None
+        ):
+            # Only the global batch was fixed: take the largest micro-batch that fits (the fastest).
+            choice = choose_micro_batch_size(plan.global_batch_size, plan.data_parallel_size, model, args.memory_budget)
+            plan = dataclasses.replace(
+                plan,
+                micro_batch_size=choice.micro_batch_size,
+                gradient_accumulation_steps=choice.gradient_accumulation_steps,
+            )
+        options = micro_options(plan, None, model, args.memory_budget)
     if args.json:
         out = plan.to_dict()
         out["samples_per_rank_per_step"] = plan.samples_per_rank_per_step
         out["allreduces_per_step"] = plan.allreduces_per_step
+        out["lr_scaling"] = lr.to_dict()
+        out["lr"] = lr.lr_for(plan.global_batch_size)
+        if options is not None:
+            out["micro_batch_options"] = [vars(o) for o in options]
         print_json(out)
-    else:
-        print(plan.describe())
+        return 0
+    print(plan.describe())
+    if lr.base_lr is not None:
+        print(
+            f"{'learning rate':<29}  {lr.lr_for(plan.global_batch_size):>6.4g}   "
+            f"({lr.rule} scaling of {lr.base_lr:g} at batch {lr.base_batch_size or plan.global_batch_size}"
+            + (f", {lr.warmup_steps} warm-up steps)" if lr.warmup_steps else ")")
+        )
+    if options is not None:
+        print()
+        print(options_table(options, args.memory_budget))
     return 0
