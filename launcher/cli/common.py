@@ -48,6 +48,19 @@ def lr_rule_from_args(args: argparse.Namespace) -> LRRule:
     return LRRule(args.lr_scaling, args.base_lr, args.base_batch_size, args.warmup_steps)
 
 
+def arg_type(parse):
+    """Wrap a parser raising UserError so argparse shows its message (and exits 2)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def add_world_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("world size (--world-size, or --nnodes with --nproc-per-node)")
     g.add_argument("--world-size", type=int, metavar="W", help="total number of processes")

@@ -10,6 +10,7 @@ from launcher.cli.common import (
     add_json_flag,
     add_lr_args,
     add_world_args,
+    arg_type,
     lr_rule_from_args,
     plan_from_args,
     print_json,
@@ -35,17 +36,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_lr_args(p)
     m = p.add_argument_group("memory trade-off table (micro-batch / accumulation choices)")
     m.add_argument(
-        "--memory-per-sample", type=parse_bytes, metavar="SIZE", help="peak memory per micro-batch sample, e.g. 180MiB"
+        "--memory-per-sample",
+        type=arg_type(parse_bytes),
+        metavar="SIZE",
+        help="peak memory per micro-batch sample, e.g. 180MiB",
     )
     m.add_argument(
         "--memory-base",
-        type=parse_bytes,
+        type=arg_type(parse_bytes),
         default=0,
         metavar="SIZE",
         help="peak memory at micro 0: weights, grads, optimizer state",
     )
     m.add_argument(
-        "--memory-budget", type=parse_bytes, metavar="SIZE", help="device memory to fit under (10%% is kept as margin)"
+        "--memory-budget",
+        type=arg_type(parse_bytes),
+        metavar="SIZE",
+        help="device memory to fit under (10%% is kept as margin)",
     )
     add_json_flag(p)
     p.set_defaults(func=run)
