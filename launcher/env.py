@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -217,11 +218,10 @@ def tasks_per_node(spec: str) -> list[int]:
     """Slurm's SLURM_TASKS_PER_NODE format: `2(x3),1` -> [2, 2, 2, 1]."""
     out: list[int] = []
     for part in spec.split(","):
-        count, _, rest = part.partition("(x")
-        try:
-            out.extend([int(count)] * (int(rest.rstrip(")")) if rest else 1))
-        except ValueError:
-            raise EnvError(f"cannot parse Slurm tasks-per-node {spec!r}") from None
+        m = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", part.strip())
+        if not m:
+            raise EnvError(f"cannot parse Slurm tasks-per-node {spec!r} (expected e.g. `2(x3),1`)")
+        out.extend([int(m[1])] * int(m[2] or 1))
     return out
 
 
@@ -317,6 +317,14 @@ def expand_nodelist(nodelist: str, environ: Mapping[str, str] | None = None, met
         return []
     if nodelist.startswith("-"):
         raise EnvError(f"node list {nodelist!r} starts with '-': refusing to pass it to scontrol")
+    depth = 0
+    for c in nodelist:
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if depth not in (0, 1):
+            break
+    if depth != 0:
+        # scontrol prints garbage for these (`n[1-2` -> `n]`) and still exits 0.
+        raise EnvError(f"node list {nodelist!r} has unbalanced brackets")
     environ = os.environ if environ is None else environ
     if method == "auto":
         method = "scontrol" if slurm_configured(environ) else "hostlist"

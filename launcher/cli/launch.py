@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--deepspeed-base", metavar="FILE", help="deepspeed: a JSON to merge (batch keys must agree)")
     p.add_argument("--run-dir", metavar="DIR", help="where plan.json goes (default ./gradaccum-runs/TIME-PID)")
     p.add_argument("--dry-run", action="store_true", help="print the command on stdout and exit 0; write nothing")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SCRIPT ARGS", help="the Python script and its args")
+    p.add_argument(
+        "script_command", nargs=argparse.REMAINDER, metavar="-- SCRIPT ARGS", help="the Python script and its args"
+    )
     p.set_defaults(func=run)
 
 
@@ -97,7 +99,7 @@ def _program(name: str, module: str | None = None) -> list[str]:
 def _script(args: argparse.Namespace) -> tuple[str, list[str]]:
     from launcher.errors import UserError
 
-    command = list(args.command)
+    command = list(args.script_command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
