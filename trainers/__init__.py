@@ -1,0 +1,34 @@
+"""gradaccum trainers: exact gradient accumulation for DDP and DeepSpeed, and a reference.
+
+`from trainers import DDPTrainer, DeepSpeedTrainer, ReferenceTrainer, GlobalBatchSampler, Task`.
+DeepSpeedTrainer is imported on first use, so that importing the package never imports
+deepspeed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainers.accumulate import StepMetrics
+from trainers.ddp import DDPTrainer
+from trainers.reference import ReferenceTrainer
+from trainers.sampler import GlobalBatchSampler
+from trainers.task import Task, load_task
+
+__all__ = [
+    "DDPTrainer",
+    "DeepSpeedTrainer",
+    "GlobalBatchSampler",
+    "ReferenceTrainer",
+    "StepMetrics",
+    "Task",
+    "load_task",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DeepSpeedTrainer":
+        from trainers.deepspeed_trainer import DeepSpeedTrainer
+
+        return DeepSpeedTrainer
+    raise AttributeError(f"module 'trainers' has no attribute {name!r}")

@@ -1,0 +1,233 @@
+"""The accumulation step: K micro-steps, gradient sync only on the last, one optimizer step.
+
+`accumulation_step` owns the micro-step loop for every trainer. Trainers differ only in the
+hooks they pass (`AccumulationHooks`): how to enter "don't sync" (DDP: `model.no_sync()`),
+how to backward (plain `loss.backward()`, DeepSpeed's `engine.backward`, a GradScaler's
+scaled backward), how to scale gradients, how to step, and how to sum a small tensor over
+the data-parallel ranks (identity for the single-device reference).
+
+Loss normalisation (the "loss contract"): `loss(model, batch)` returns
+  - a scalar mean over the micro-batch: each micro-step's loss is scaled by 1/K and DDP's
+    average over ranks gives the global mean. Exact only when every micro-batch holds the
+    same number of items/tokens; steps where this rank sees unequal sizes are flagged.
+  - a pair `(loss_sum, count)`: the update is the gradient of the summed loss of all
+    micro-batches on all ranks divided by their total count. With `count_fn` the global
+    count is summed with one all-reduce before the first forward and each micro-step's
+    loss is scaled by dp/count (DDP averages, so dp cancels); without it, backward runs on
+    the raw sums and the gradients are multiplied by dp/count at the boundary, after one
+    all-reduce of the counts. Gradients are linear in the loss, so both are exact.
+Each micro-step's graph is freed by its own backward: activation memory is flat in K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+MEAN, SUM = "mean", "sum"
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """A collated micro-batch and how many dataset items it holds.
+
+    `items == 0` marks a filler: this rank has no data for this micro-step (last, partial
+    global batch), so `batch` is any real batch, run with weight zero. It still goes
+    through forward and backward so that the rank joins the gradient all-reduce.
+    """
+
+    batch: Any
+    items: int
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """What one optimizer step did, identical on every rank (except `unequal_micro_batches`)."""
+
+    loss: float  # true global mean over the step's items/tokens (not divided by K)
+    items: int  # dataset items in the step, all ranks
+    count: float  # the loss denominator, all ranks: tokens for (sum, count) losses, items for means
+    grad_norm: float  # total gradient norm before clipping
+    loss_mode: str  # "mean" or "sum"
+    micro_steps: int
+    unequal_micro_batches: bool = False  # this rank saw micro-batches of different sizes
+    allreduce_rounds: int | None = None  # filled by trainers that count them
+    lr: float | None = None
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+@dataclasses.dataclass
+class AccumulationHooks:
+    """The seams between the shared micro-step loop and one trainer.
+
+    step:            clip, optimizer step, scheduler step, zero_grad; returns the grad norm
+    no_sync:         context entered around forward AND backward of non-boundary micro-steps
+    backward:        runs backward on the (already normalised) micro-step loss
+    scale_gradients: multiplies the accumulated gradients (pair losses without count_fn)
+    all_reduce_sum:  sums a small float64 tensor over data-parallel ranks (may be in place)
+    autocast:        context around the forward (mixed precision hooks in here)
+    """
+
+    step: Callable[[], float | torch.Tensor | None]
+    scale_gradients: Callable[[float], None]
+    no_sync: Callable[[], AbstractContextManager[Any]] = nullcontext
+    backward: Callable[[torch.Tensor], None] = _backward
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+
+def gradient_scaler(parameters: Iterable[torch.nn.Parameter]) -> Callable[[float], None]:
+    params = list(parameters)
+
+    def scale(factor: float) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+
+    return scale
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def optimizer_stepper(
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    scheduler: Any = None,
+    clip_grad_norm: float | None = None,
+) -> Callable[[], float]:
+    """The default `step` hook: clip the full gradient, step, schedule, zero (set_to_none)."""
+    params = [p for p in parameters if p.requires_grad]
+
+    def step() -> float:
+        if clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        else:
+            norm = grad_norm(params)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    return step
+
+
+def split_loss(out: Any) -> tuple[torch.Tensor, Any, str]:
+    """(loss, count, mode) from what a loss callable returned; count is None for means."""
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise TypeError(f"a loss returning a sequence must return (loss_sum, count), got {len(out)} values")
+        loss_sum, count = out
+        if not (isinstance(loss_sum, torch.Tensor) and loss_sum.dim() == 0):
+            raise TypeError(f"loss_sum must be a scalar tensor, got {type(loss_sum).__name__}")
+        return loss_sum, count, SUM
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
+        return out, None, MEAN
+    raise TypeError(
+        "the loss must return a scalar tensor (mean over the micro-batch) or a pair (loss_sum, count); "
+        f"got {type(out).__name__}" + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else "")
+    )
+
+
+def accumulation_step(
+    model: Any,
+    micro_batches: Sequence[MicroBatch],
+    loss_fn: Callable[[Any, Any], Any],
+    hooks: AccumulationHooks,
+    *,
+    dp_size: int = 1,
+    count_fn: Callable[[Any], Any] | None = None,
+    expected_micro_batch_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> StepMetrics:
+    """One optimizer step over this rank's micro-batches (see the module docstring)."""
+    k = len(micro_batches)
+    if k == 0:
+        raise ValueError("an accumulation step needs at least one micro-batch")
+    real = [mb for mb in micro_batches if mb.items > 0]
+    expected_local = pre_scale = None
+    if count_fn is not None:
+        # The one all-reduce of counts, before the first forward: every micro-step's loss
+        # can then be scaled by the final global denominator as it goes.
+        expected_local = float(sum(float(count_fn(mb.batch)) for mb in real))
+        total = hooks.all_reduce_sum(torch.tensor([expected_local], dtype=torch.float64, device=device))
+        global_count = float(total[0])
+        pre_scale = dp_size / global_count if global_count > 0 else 0.0
+
+    # [sum of loss numerators, sum of counts] on this rank, detached, never synced per micro-step
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    mode = None
+    for i, mb in enumerate(micro_batches):
+        boundary = i == k - 1
+        with hooks.no_sync() if not boundary else nullcontext():
+            with hooks.autocast():
+                loss, count, this_mode = split_loss(loss_fn(model, mb.batch))
+            if mode is None:
+                mode = this_mode
+            elif this_mode != mode:
+                raise TypeError("the loss returned a scalar on one micro-batch and a (sum, count) pair on another")
+            if mb.items == 0:
+                weight = 0.0  # filler: joins the collectives, contributes nothing
+            elif mode == MEAN:
+                weight = 1.0 / k
+            elif pre_scale is not None:
+                weight = pre_scale
+            else:
+                weight = 1.0  # raw sums; the gradients are scaled at the boundary
+            hooks.backward(loss * weight)
+        if mb.items > 0:
+            if mode == MEAN:
+                stats[0] += loss.detach().double() * mb.items
+                stats[1] += mb.items
+            else:
+                stats[0] += loss.detach().double()
+                stats[1] += torch.as_tensor(count, dtype=torch.float64, device=stats.device)
+
+    items = sum(mb.items for mb in real)
+    if mode == SUM and expected_local is not None:
+        returned = float(stats[1])
+        if abs(returned - expected_local) > 1e-6 * max(1.0, abs(expected_local)):
+            raise ValueError(
+                f"Task.count says this rank's micro-batches hold {expected_local:g} items/tokens but the loss "
+                f"returned counts summing to {returned:g}; they must agree (count what the loss sums over)"
+            )
+    # The only all-reduce of counts when count_fn is absent; the loss sum rides along for
+    # the metric. With count_fn it carries the metric only.
+    totals = hooks.all_reduce_sum(torch.cat([stats, torch.tensor([items], dtype=torch.float64, device=stats.device)]))
+    global_loss_numer, global_count, global_items = (float(x) for x in totals)
+    if mode == SUM and pre_scale is None:
+        hooks.scale_gradients(dp_size / global_count if global_count > 0 else 0.0)
+    norm = hooks.step()
+
+    sizes = [float(count_fn(mb.batch)) for mb in real] if count_fn is not None and mode == MEAN else []
+    sizes = sizes or [mb.items for mb in real]
+    unequal = len(real) < k or len(set(sizes)) > 1
+    if expected_micro_batch_size is not None and mode == MEAN:
+        unequal = unequal or any(mb.items != expected_micro_batch_size for mb in real)
+    return StepMetrics(
+        loss=global_loss_numer / global_count if global_count > 0 else 0.0,
+        items=int(round(global_items)),
+        count=global_count,
+        grad_norm=float(norm) if norm is not None else float("nan"),
+        loss_mode=mode,
+        micro_steps=k,
+        unequal_micro_batches=unequal,
+    )

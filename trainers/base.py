@@ -1,0 +1,198 @@
+"""What the DDP, DeepSpeed and reference trainers share: data, the train loop, state.
+
+Subclasses provide `_hooks()` (how to no-sync, backward, step: see accumulate.py) and the
+model that forward goes through; everything else (sampling a global batch, collating this
+rank's micro-batches, empty micro-batches, metrics, the warning for scalar-mean losses,
+in-memory state for checkpoints) lives here once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from launcher.plan import BatchPlan
+from trainers.accumulate import MEAN, AccumulationHooks, MicroBatch, StepMetrics, accumulation_step
+from trainers.sampler import GlobalBatchSampler
+
+
+class LossNormalisationWarning(UserWarning):
+    """A scalar-mean loss met micro-batches of different sizes: the update is not the global mean."""
+
+
+UNEQUAL_MEAN_WARNING = (
+    "the loss returns a scalar mean, but micro-batches of this optimizer step hold different numbers "
+    "of items{what}: averaging their means is not the mean over the global batch, so the update differs "
+    "from a single-device run. Return (loss_sum, count) from the loss to make it exact."
+)
+
+
+def to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None or device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_items(batch: Any) -> int:
+    """Items in a collated batch: the leading size of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        try:
+            return batch_items(value)
+        except TypeError:
+            continue
+    raise TypeError(f"cannot tell how many items a batch of type {type(batch).__name__} holds; pass MicroBatch")
+
+
+class BaseTrainer:
+    """The train loop over a GlobalBatchSampler; subclasses say how to sync and step."""
+
+    def __init__(
+        self,
+        model: Any,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: BatchPlan,
+        loss: Callable[[Any, Any], Any],
+        *,
+        dataset: Sequence[Any] | None = None,
+        count: Callable[[Any], Any] | None = None,
+        collate: Callable[[list], Any] | None = None,
+        scheduler: Any = None,
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        device: torch.device | None = None,
+        dp_rank: int = 0,
+        log_every: int = 0,
+    ) -> None:
+        self.model = model  # what forward goes through (DDP wrapper, DeepSpeed engine, plain module)
+        self.module = module  # the user's own module: its state_dict has no wrapper prefix
+        self.optimizer = optimizer
+        self.plan = plan
+        self.loss = loss
+        self.dataset = dataset
+        self.count = count
+        self.collate = collate or default_collate
+        self.scheduler = scheduler
+        self.clip_grad_norm = clip_grad_norm
+        self.device = device or torch.device("cpu")
+        self.dp_rank = dp_rank
+        self.log_every = log_every
+        self.global_step = 0
+        self._warned_unequal = False
+        self.sampler = (
+            GlobalBatchSampler(len(dataset), plan, dp_rank, seed=seed, shuffle=shuffle, drop_last=drop_last)
+            if dataset is not None
+            else None
+        )
+
+    # -------------------------------------------------------------- subclass API
+    def _hooks(self) -> AccumulationHooks:
+        raise NotImplementedError
+
+    def _after_step(self, metrics: StepMetrics) -> None:
+        """Subclasses add what they measure (e.g. all-reduce rounds)."""
+
+    def _before_step(self) -> None:
+        """Subclasses reset per-step counters."""
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, micro_batches: Sequence[Any]) -> StepMetrics:
+        """One optimizer step over this rank's K micro-batches (collated batches or MicroBatch)."""
+        k = self.plan.gradient_accumulation_steps
+        if len(micro_batches) != k:
+            raise ValueError(
+                f"step() needs {k} micro-batches (the plan's accumulation steps), got {len(micro_batches)}"
+            )
+        wrapped = [
+            mb if isinstance(mb, MicroBatch) else MicroBatch(to_device(mb, self.device), batch_items(mb))
+            for mb in micro_batches
+        ]
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
+        self._before_step()
+        metrics = accumulation_step(
+            self.model,
+            wrapped,
+            self.loss,
+            self._hooks(),
+            dp_size=self.plan.data_parallel_size,
+            count_fn=self.count,
+            expected_micro_batch_size=self.plan.micro_batch_size,
+            device=self.device,
+        )
+        self.global_step += 1
+        metrics.step, metrics.lr = self.global_step, lr
+        self._after_step(metrics)
+        if metrics.loss_mode == MEAN and metrics.unequal_micro_batches and not self._warned_unequal:
+            self._warned_unequal = True
+            what = " or tokens" if self.count is not None else ""
+            warnings.warn(UNEQUAL_MEAN_WARNING.format(what=what), LossNormalisationWarning, stacklevel=2)
+        return metrics
+
+    def micro_batch(self, indices: list[int]) -> MicroBatch:
+        """Collate dataset items; an empty list gives a zero-weight filler (see MicroBatch)."""
+        if not indices:
+            filler = self.dataset[self.sampler.last_global_batch[0]]
+            return MicroBatch(to_device(self.collate([filler]), self.device), 0)
+        return MicroBatch(to_device(self.collate([self.dataset[i] for i in indices]), self.device), len(indices))
+
+    def train(self, steps: int, callback: Callable[[StepMetrics], None] | None = None) -> list[StepMetrics]:
+        """Take `steps` optimizer steps, one global batch each (across epochs as needed)."""
+        if self.sampler is None:
+            raise ValueError("train() needs a dataset: pass dataset= to the trainer (or call step() yourself)")
+        history = []
+        for _ in range(steps):
+            micro = [self.micro_batch(ix) for ix in self.sampler.next_step()]
+            metrics = self.step(micro)
+            history.append(metrics)
+            if self.log_every and metrics.step % self.log_every == 0:
+                self.log(
+                    f"step {metrics.step:>5}  loss {metrics.loss:.6f}  items {metrics.items}  "
+                    f"grad-norm {metrics.grad_norm:.4g}  lr {metrics.lr:.3g}"
+                )
+            if callback is not None:
+                callback(metrics)
+        return history
+
+    fit = train
+
+    def log(self, message: str) -> None:
+        from trainers.distributed import log_rank0
+
+        log_rank0(message)
+
+    # --------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """In memory: model (no wrapper prefix), optimizer, scheduler, sampler, step, plan."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "step": self.global_step,
+            "plan": self.plan.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict(); the plan in it may be for another world size."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.sampler is not None and state.get("sampler") is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self.global_step = int(state["step"])

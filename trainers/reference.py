@@ -1,0 +1,94 @@
+"""ReferenceTrainer: one process, the whole global batch in one forward/backward per step.
+
+The yardstick the distributed trainers are compared with. It runs the same loss contract
+through the same `accumulation_step`, with one micro-batch and one "rank", so there is
+nothing to synchronise and nothing to accumulate: a (loss_sum, count) loss is divided by
+the global batch's count, a scalar-mean loss is the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from launcher.plan import BatchPlan
+from trainers.accumulate import AccumulationHooks, gradient_scaler, optimizer_stepper
+from trainers.base import BaseTrainer
+from trainers.task import Task
+
+
+def reference_plan(plan_or_global_batch: BatchPlan | int) -> BatchPlan:
+    g = plan_or_global_batch if isinstance(plan_or_global_batch, int) else plan_or_global_batch.global_batch_size
+    return BatchPlan(global_batch_size=g, micro_batch_size=g, gradient_accumulation_steps=1, world_size=1)
+
+
+class ReferenceTrainer(BaseTrainer):
+    """Single device: `plan` may be the distributed plan (only its global batch size is used)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: BatchPlan | int,
+        loss: Callable[[Any, Any], Any],
+        *,
+        dataset: Sequence[Any] | None = None,
+        count: Callable[[Any], Any] | None = None,
+        collate: Callable[[list], Any] | None = None,
+        scheduler: Any = None,
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+        log_every: int = 0,
+    ) -> None:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        model.to(device)
+        super().__init__(
+            model,
+            model,
+            optimizer,
+            reference_plan(plan),
+            loss,
+            dataset=dataset,
+            count=count,
+            collate=collate,
+            scheduler=scheduler,
+            clip_grad_norm=clip_grad_norm,
+            seed=seed,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            device=device,
+            log_every=log_every,
+        )
+        self._stepper = optimizer_stepper(optimizer, model.parameters(), scheduler, clip_grad_norm)
+        self._scaler = gradient_scaler(model.parameters())
+
+    @classmethod
+    def from_task(cls, task: Task, plan: BatchPlan | int, **kwargs: Any) -> ReferenceTrainer:
+        """Seed torch exactly as the distributed trainers do, then build model and optimizer."""
+        device = torch.device(kwargs.pop("device", None) or "cpu")
+        torch.manual_seed(task.seed)
+        model = task.model().to(device)
+        optimizer = task.optimizer(model.parameters())
+        scheduler = task.scheduler(optimizer) if task.scheduler is not None else None
+        return cls(
+            model,
+            optimizer,
+            plan,
+            task.loss,
+            dataset=task.dataset,
+            count=task.count,
+            collate=task.collate,
+            scheduler=scheduler,
+            clip_grad_norm=task.clip_grad_norm,
+            seed=task.seed,
+            device=device,
+            **kwargs,
+        )
+
+    def _hooks(self) -> AccumulationHooks:
+        return AccumulationHooks(step=self._stepper, scale_gradients=self._scaler)

@@ -1,0 +1,106 @@
+"""The distributed half of `gradaccum verify`: one process per rank, started by torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node P -m trainers.worker \
+        --task MODULE:FUNCTION --steps S --output-dir DIR      # plan from $GRADACCUM_PLAN
+
+Rank 0 writes the model's state_dict before the first step (step-000000.pt) and after
+every optimizer step (step-000001.pt, ...), each with that step's metrics, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.plan import BatchPlan
+
+
+def step_path(directory: str | os.PathLike[str], step: int) -> Path:
+    return Path(directory) / f"step-{step:06d}.pt"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainers.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="trainers.example:task")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--sync-every-micro-step", action="store_true", help="disable no_sync (the naive loop)")
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--gradient-accumulation-steps", type=int)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from trainers.ddp import DDPTrainer
+    from trainers.distributed import init_distributed, log_rank0
+    from trainers.task import load_task
+
+    plan = BatchPlan.from_env()
+    if plan is None:
+        info = init_distributed()
+        plan = BatchPlan.solve(
+            args.global_batch_size,
+            args.micro_batch_size,
+            args.gradient_accumulation_steps,
+            world_size=info.world_size,
+        )
+    task = load_task(args.task)
+    trainer = DDPTrainer.from_task(
+        task, plan, shuffle=not args.no_shuffle, sync_every_micro_step=args.sync_every_micro_step
+    )
+    rank0 = dist.get_rank() == 0
+    out = Path(args.output_dir)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_atomic({"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0))
+    for _ in range(args.steps):
+        (metrics,) = trainer.train(1)
+        if rank0:
+            record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
+            record["model"] = trainer.module.state_dict()
+            save_atomic(record, step_path(out, metrics.step))
+        log_rank0(
+            f"distributed: step {metrics.step}/{args.steps}  loss {metrics.loss:.6f}  "
+            f"all-reduce rounds {metrics.allreduce_rounds}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainers.distributed import shutdown
+
+    try:
+        return run(args)
+    except UserError as e:
+        rank = os.environ.get("RANK", "?")
+        print(f"gradaccum worker (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
