@@ -4,7 +4,7 @@ and write what it saw to OUT_DIR/rank-<rank>.json.
     dist_probe.py OUT_DIR [--steps N] [--sleep S] [--local_rank R]
 
 With --steps, it keeps all-reducing (a stand-in for training) so that a test can kill
-a rank mid-run; each rank writes its pid to OUT_DIR/pid-<rank> first.
+a rank mid-run; each rank writes its pid to OUT_DIR/pid-<rank> after its first all-reduce.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -32,19 +33,24 @@ def main() -> int:
     from launcher.plan import BatchPlan
 
     before = detect().to_dict()
+    # what a user debugging this job would see: `gradaccum env --json` inside the worker
+    shown = subprocess.run(
+        [sys.executable, "-m", "launcher", "env", "--json"], capture_output=True, text=True, check=True
+    ).stdout
     cluster = export_torch_distributed_env()
-    with open(os.path.join(args.out_dir, f"pid-{cluster.rank}"), "w") as f:
-        f.write(str(os.getpid()))
 
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="env://")
     total = 0.0
-    for _step in range(args.steps):
+    for step in range(args.steps):
         t = torch.tensor([float(dist.get_rank() + 1)])
         dist.all_reduce(t)
         total = t.item()
+        if step == 0:  # in the group and past the first collective: "mid-training" from here
+            with open(os.path.join(args.out_dir, f"pid-{cluster.rank}"), "w") as f:
+                f.write(str(os.getpid()))
         if args.sleep:
             time.sleep(args.sleep)
     mpi = None
@@ -63,6 +69,7 @@ def main() -> int:
         "deepspeed_config": os.environ.get("GRADACCUM_DEEPSPEED_CONFIG"),
         "local_rank_arg": args.local_rank,
         "mpi4py": mpi,
+        "gradaccum_env": json.loads(shown),
     }
     with open(os.path.join(args.out_dir, f"rank-{cluster.rank}.json"), "w") as f:
         json.dump(out, f, indent=2)
