@@ -173,3 +173,67 @@ def test_gradaccum_env_inside_srun(tmp_path, slurm_env):
     seen = _env_json_per_rank(srun, tmp_path, "SLURM_PROCID", env=slurm_env)
     assert [(s["launcher"], s["rank"], s["world_size"]) for s in seen] == [("slurm", 0, 2), ("slurm", 1, 2)]
     assert seen[0]["hosts"] and seen[0]["master_addr"] == seen[0]["hosts"][0]
+
+
+# ------------------------------------------- real training matches the reference
+TRAIN = REPO / "tests" / "scripts" / "train_worker.py"
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def reference_states():
+    """The single-process reference: one whole global batch per optimizer step."""
+    import torch
+
+    from trainers import ReferenceTrainer
+    from trainers.example import task
+
+    torch.set_num_threads(1)
+    trainer = ReferenceTrainer.from_task(task(), PLAN, shuffle=False)
+    states = []
+    for _ in range(STEPS):
+        trainer.train(1)
+        states.append({k: v.detach().clone() for k, v in trainer.module.state_dict().items()})
+    return states
+
+
+def _train(tmp_path, launcher, *flags):
+    out = tmp_path / "steps"
+    r = run_cli(
+        "launch",
+        "--launcher",
+        launcher,
+        *PLAN_FLAGS,
+        *flags,
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--",
+        str(TRAIN),
+        "--steps",
+        str(STEPS),
+        "--output-dir",
+        str(out),
+        "--no-shuffle",
+        timeout=200,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, f"training launch failed ({r.returncode}):\n{r.stderr[-6000:]}"
+    return out, r
+
+
+@pytest.mark.parametrize(
+    "launcher, flags",
+    [("mpirun", ("--nproc-per-node", "2", "--oversubscribe")), ("torchrun", ("--nproc-per-node", "2"))],
+)
+def test_training_matches_the_reference(launcher, flags, tmp_path, reference_states):
+    import torch
+
+    from trainers.verify import compare_states
+
+    out, r = _train(tmp_path, launcher, *flags)
+    assert "all-reduce rounds 1" in r.stderr  # accumulation 2, one gradient sync per step
+    for step in range(1, STEPS + 1):
+        record = torch.load(out / f"step-{step:06d}.pt", weights_only=False)
+        assert record["world_size"] == 2
+        diff = compare_states(reference_states[step - 1], record["model"])
+        assert diff["max_rel_diff"] <= 1e-5, f"{launcher} step {step} differs from the reference: {diff}"
