@@ -205,3 +205,59 @@ def test_dry_run_prints_the_command_and_writes_nothing(name, tmp_path):
     assert "global batch size" in r.stderr  # the resolved plan, on stderr
     _check_golden(name, _normalise(r.stdout))
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------ `gradaccum launch` errors
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--dry-run"], "no script"),
+        (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--", "missing.py"], "does not exist"),
+        (["--launcher", "torchrun", *PLAN, "--dry-run", "--", "t.py"], "the world size is required"),
+        (["--launcher", "torchrun", *PLAN, "--hostfile", "hostfiles/localhost.txt", "--", "t.py"], "--hostfile is for"),
+        (
+            ["--launcher", "mpirun", *PLAN, "--nproc-per-node", "2", "--include", "a", "--", "t.py"],
+            "filter a --hostfile",
+        ),
+        (
+            [
+                "--launcher",
+                "mpirun",
+                *PLAN,
+                "--hostfile",
+                "hostfiles/localhost.txt",
+                "--nproc-per-node",
+                "2",
+                "--",
+                "t",
+            ],
+            "drop --nproc-per-node",
+        ),
+        (["--launcher", "mpirun", *PLAN, "--hostfile", "hostfiles/deepspeed.txt", "--nnodes", "2", "--", "t"], "has 3"),
+        (["--launcher", "mpirun", *PLAN, "--nproc-per-node", "2", "--nnodes", "1:2", "--", "t"], "only for --launcher"),
+        (["--launcher", "local", *PLAN, "--nproc-per-node", "1", "--nnodes", "2", "--", "t"], "this machine only"),
+        (
+            ["--launcher", "torchrun", "--global-batch-size", "8", "--nproc-per-node", "1", "--nnodes", "2:4"]
+            + ["--rdzv-endpoint", "h:1", "--rdzv-id", "1", "--", "t.py"],
+            "cannot be kept with 3 node(s)",
+        ),
+        (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--oversubscribe", "--", "t"], "mpirun option"),
+        (
+            ["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--zero-stage", "1", "--", "t"],
+            "for --launcher deep",
+        ),
+        (["--launcher", "mpirun", *PLAN, "--nproc-per-node", "2", "--node-rank", "0", "--", "t"], "torchrun option"),
+        (["--launcher", "torchrun", "--global-batch-size", "7", "--nproc-per-node", "2", "--", "t"], "not divisible"),
+        (["--launcher", "mpirun", *PLAN, "--nproc-per-node", "2", "--master-addr", "$(id)", "--", "t"], "not a valid"),
+        (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--nnodes", "2", "--", "t"], "--node-rank R"),
+        (["--launcher", "local", *PLAN, "--nproc-per-node", "2", "--master-port", "70000", "--", "t"], "TCP port"),
+    ],
+)
+def test_launch_errors_exit_2_with_a_message(flags, message, capsys, tmp_path, monkeypatch):
+    from launcher.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["launch", *flags, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "nothing is written when the launch is refused"

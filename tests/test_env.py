@@ -3,7 +3,9 @@ and Slurm node-list expansion by Slurm itself against python-hostlist."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 from unittest import mock
@@ -12,6 +14,7 @@ import pytest
 
 from launcher import env as cenv
 from launcher.env import ClusterEnv, EnvError, detect, expand_nodelist, export_torch_distributed_env
+from tests.conftest import run_cli
 
 TORCHRUN = {
     "RANK": "3",
@@ -260,3 +263,21 @@ def test_where_slurm_and_hostlist_differ_slurm_decides(slurm_conf):
 def test_nodelist_option_injection_is_refused():
     with pytest.raises(EnvError, match="starts with '-'"):
         expand_nodelist("--help", {}, method="scontrol")
+
+
+# ------------------------------------------------------------------ the CLI
+def test_cli_env_json_and_text():
+    r = run_cli("env", "--json", env={"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got["launcher"], got["rank"], got["world_size"], got["local_world_size"]) == ("openmpi", 1, 2, 2)
+    assert set(got) >= {"launcher", "rank", "local_rank", "world_size", "local_world_size", "node_rank"}
+    assert set(got) >= {"master_addr", "master_port", "hosts"}
+    r = run_cli("env", env={"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert re.search(r"^launcher\s+openmpi$", r.stdout, re.M) and re.search(r"^rank\s+1$", r.stdout, re.M)
+
+
+def test_cli_env_inconsistent_environment_exits_2():
+    r = run_cli("env", "--json", env={"RANK": "5", "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert "rank 5 is outside world size 2" in r.stderr and "Traceback" not in r.stderr

@@ -104,10 +104,7 @@ def _script(args: argparse.Namespace) -> tuple[str, list[str]]:
         command = command[1:]
     if not command:
         raise UserError("no script: end the flags with `-- SCRIPT [ARGS]`, e.g. `-- train.py --lr 0.1`")
-    script = command[0]
-    if not args.dry_run and not os.path.isfile(script):
-        raise UserError(f"script {script!r} does not exist; SCRIPT is a Python file, as with torchrun")
-    return script, command[1:]
+    return command[0], command[1:]
 
 
 def _world(args: argparse.Namespace):
@@ -164,52 +161,46 @@ def _env_prefix(env: dict[str, str]) -> str:
     return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
 
 
-def run(args: argparse.Namespace) -> int:
-    from launcher import commands
+def _check_flags(args: argparse.Namespace) -> None:
+    """Launcher-specific flags given to another launcher are mistakes, not no-ops."""
     from launcher.errors import UserError
-    from launcher.run import format_command, run_command, run_local_workers
 
-    script, script_args = _script(args)
-    world, (low, high), resources = _world(args)
-    plan = plan_from_args(args, world_size=world)
-    if low != high:
-        _check_elastic(plan, low, high, args.nproc_per_node)
-    run_dir = Path(args.run_dir or Path("gradaccum-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    run_dir = run_dir.absolute()
-    plan_path = run_dir / "plan.json"
-    ds_path = run_dir / "deepspeed.json" if args.launcher == "deepspeed" else None
-    hosts = list(resources) if resources else []
-    single_host = not hosts or all(h in _LOCAL_NAMES or h == socket.gethostname() for h in hosts)
-    master_addr = args.master_addr or ("127.0.0.1" if single_host else hosts[0])
-    static_multi_node = args.launcher == "torchrun" and high > 1 and not args.rdzv_endpoint
-    port = args.master_port
-    if port is None and not (static_multi_node or args.rdzv_endpoint):
-        port = _free_port()  # every node of a static multi-node launch must agree: no guessing there
-    env = commands.worker_env(str(plan_path), str(ds_path) if ds_path else None)
-    if args.launcher in ("mpirun", "local", "deepspeed") or args.master_addr:
-        env["MASTER_ADDR"] = master_addr
-    if port is not None and args.launcher in ("mpirun", "srun", "local", "deepspeed"):
-        env["MASTER_PORT"] = str(port)
-    worker = commands.python_argv(sys.executable, script, script_args)
-    ds_config = None
-    if args.launcher == "deepspeed":
-        from launcher.configs import deepspeed_config, load_json_file
-
-        base = load_json_file(args.deepspeed_base, "base DeepSpeed config") if args.deepspeed_base else None
-        ds_config = deepspeed_config(plan, base, zero_stage=args.zero_stage)
-    elif args.zero_stage is not None or args.deepspeed_base or args.deepspeed_launcher:
+    if args.launcher != "deepspeed" and (args.zero_stage is not None or args.deepspeed_base or args.deepspeed_launcher):
         raise UserError("--zero-stage, --deepspeed-base and --deepspeed-launcher are for --launcher deepspeed")
     if args.oversubscribe and args.launcher != "mpirun":
         raise UserError("--oversubscribe is an mpirun option")
-    torchrun_only = [
-        f for f in ("node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts") if getattr(args, f) is not None
-    ]
-    if torchrun_only and args.launcher != "torchrun":
-        raise UserError(f"--{torchrun_only[0].replace('_', '-')} is a torchrun option")
+    given = [f for f in ("node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts") if getattr(args, f) is not None]
+    if given and args.launcher != "torchrun":
+        raise UserError(f"--{given[0].replace('_', '-')} is a torchrun option")
 
-    mpi_hostfile = run_dir / "hostfile.openmpi"
+
+def _rendezvous(args: argparse.Namespace, resources, high: int) -> tuple[str, int | None, bool]:
+    """(master address, master port or None, whether every host is this machine)."""
+    from launcher.hostfile import validate_hostname
+
+    hosts = list(resources) if resources else []
+    single_host = not hosts or all(h in _LOCAL_NAMES or h == socket.gethostname() for h in hosts)
+    master_addr = args.master_addr or ("127.0.0.1" if single_host else hosts[0])
+    validate_hostname(master_addr, "--master-addr")  # it reaches every worker's environment
+    port = args.master_port
+    if port is not None and not 0 < port < 65536:
+        from launcher.errors import UserError
+
+        raise UserError(f"--master-port must be a TCP port (1-65535), got {port}")
+    # A free port here is only right when rank 0 runs here. Static multi-node torchrun needs
+    # the same port on every node (torchrun's default then); c10d has its endpoint; srun
+    # workers derive the port from the Slurm job id (launcher.env).
+    multi_node_torchrun = args.launcher == "torchrun" and (high > 1 or args.rdzv_endpoint)
+    if port is None and not multi_node_torchrun and args.launcher != "srun":
+        port = _free_port()
+    return master_addr, port, single_host
+
+
+def _build_argv(args, script, script_args, world, high, resources, master_addr, port, single_host, env, run_dir):
+    from launcher import commands
+
     if args.launcher == "torchrun":
-        argv = commands.torchrun(
+        return commands.torchrun(
             script,
             script_args,
             nproc_per_node=args.nproc_per_node,
@@ -222,8 +213,8 @@ def run(args: argparse.Namespace) -> int:
             max_restarts=args.max_restarts,
             program=_program("torchrun", "torch.distributed.run"),
         )
-    elif args.launcher == "deepspeed":
-        argv = commands.deepspeed(
+    if args.launcher == "deepspeed":
+        return commands.deepspeed(
             script,
             script_args,
             hostfile=args.hostfile,
@@ -237,22 +228,49 @@ def run(args: argparse.Namespace) -> int:
             single_host=single_host,
             program=_program("deepspeed"),
         )
-    elif args.launcher == "mpirun":
-        argv = commands.mpirun(
+    worker = commands.python_argv(sys.executable, script, script_args)
+    if args.launcher == "mpirun":
+        return commands.mpirun(
             worker,
             np=world,
-            hostfile=str(mpi_hostfile) if resources else None,
-            procs_per_node=None if resources else args.nproc_per_node if high > 1 else None,
+            hostfile=str(run_dir / "hostfile.openmpi") if resources else None,
+            procs_per_node=args.nproc_per_node if not resources and high > 1 else None,
             # -x of an unset variable only warns; forward what the workers will have.
             export=[v for v in commands.MPIRUN_EXPORTS if v in env or v in os.environ],
             allow_run_as_root=os.geteuid() == 0,
             oversubscribe=args.oversubscribe,
             program=_program("mpirun"),
         )
-    elif args.launcher == "srun":
-        argv = commands.srun(worker, nodes=high, ntasks_per_node=args.nproc_per_node, program=_program("srun"))
-    else:
-        argv = worker
+    if args.launcher == "srun":
+        return commands.srun(worker, nodes=high, ntasks_per_node=args.nproc_per_node, program=_program("srun"))
+    return worker
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher import commands
+    from launcher.run import describe_status, format_command, run_command, run_local_workers
+
+    _check_flags(args)
+    script, script_args = _script(args)
+    world, (low, high), resources = _world(args)
+    plan = plan_from_args(args, world_size=world)
+    if low != high:
+        _check_elastic(plan, low, high, args.nproc_per_node)
+    ds_config = None
+    if args.launcher == "deepspeed":
+        from launcher.configs import deepspeed_config, load_json_file
+
+        base = load_json_file(args.deepspeed_base, "base DeepSpeed config") if args.deepspeed_base else None
+        ds_config = deepspeed_config(plan, base, zero_stage=args.zero_stage)
+    default_dir = Path("gradaccum-runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = Path(args.run_dir or default_dir).absolute()
+    master_addr, port, single_host = _rendezvous(args, resources, high)
+    env = commands.worker_env(str(run_dir / "plan.json"), str(run_dir / "deepspeed.json") if ds_config else None)
+    if args.launcher in ("mpirun", "local", "deepspeed") or args.master_addr:
+        env["MASTER_ADDR"] = master_addr
+    if port is not None and args.launcher in ("mpirun", "srun", "local", "deepspeed"):
+        env["MASTER_PORT"] = str(port)
+    argv = _build_argv(args, script, script_args, world, high, resources, master_addr, port, single_host, env, run_dir)
 
     info(f"gradaccum launch: {args.launcher}, world size {world}")
     info(plan.describe())
@@ -262,16 +280,18 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shown, flush=True)
         return 0
+    if not os.path.isfile(script):
+        from launcher.errors import UserError
+
+        raise UserError(f"script {script!r} does not exist; SCRIPT is a Python file, as with torchrun")
     info(f"run directory: {run_dir}")
     info(f"command: {shown}")
-    _write_run_dir(run_dir, plan, ds_config, resources if args.launcher == "mpirun" else None, mpi_hostfile)
+    _write_run_dir(run_dir, plan, ds_config, resources if args.launcher == "mpirun" else None)
     child_env = {**os.environ, **env}
     if args.launcher == "local":
         return run_local_workers(argv, args.nproc_per_node, master_addr, port, env=child_env)
     status = run_command(argv, env=child_env)
     if status != 0:
-        from launcher.run import describe_status
-
         info(
             f"gradaccum launch: {args.launcher} ended with {describe_status(status)}; "
             "the failing rank and its exit code are in the launcher's output above"
@@ -279,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _write_run_dir(run_dir: Path, plan, ds_config, resources, mpi_hostfile: Path) -> None:
+def _write_run_dir(run_dir: Path, plan, ds_config, resources) -> None:
     from launcher.atomic import write_json_atomic, write_text_atomic
     from launcher.hostfile import render_hostfile
 
@@ -288,4 +308,6 @@ def _write_run_dir(run_dir: Path, plan, ds_config, resources, mpi_hostfile: Path
     if ds_config is not None:
         write_json_atomic(run_dir / "deepspeed.json", ds_config)
     if resources:
-        write_text_atomic(mpi_hostfile, render_hostfile({h: len(s) for h, s in resources.items()}, "openmpi"))
+        write_text_atomic(
+            run_dir / "hostfile.openmpi", render_hostfile({h: len(s) for h, s in resources.items()}, "openmpi")
+        )
