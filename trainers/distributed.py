@@ -97,9 +97,19 @@ def init_distributed(
     return DistInfo(dist.get_rank(), live, local_rank, backend, device, _launcher)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(barrier: bool = False) -> None:
+    """Destroy the process group; with `barrier`, first wait until every rank gets here.
+
+    The barrier is for the success path: a rank that tears down its gloo connections while
+    another is still writing its last files can make that rank abort at exit ("terminate
+    called without an active exception", seen about 1 run in 3 here). Never barrier on an
+    error path: the other ranks may be gone.
+    """
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def log_rank0(message: str) -> None:

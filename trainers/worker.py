@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from trainers.ddp import DDPTrainer
-    from trainers.distributed import init_distributed, log_rank0
+    from trainers.distributed import init_distributed, log_rank0, shutdown
     from trainers.task import load_task
 
     plan = BatchPlan.from_env()
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             f"distributed: step {metrics.step}/{args.steps}  loss {metrics.loss:.6f}  "
             f"all-reduce rounds {metrics.allreduce_rounds}"
         )
+    del trainer  # DDP's reducer holds the process group: let it go before the group does
+    shutdown(barrier=True)
     return 0
 
 

@@ -1,0 +1,82 @@
+"""Train with DDPTrainer under any launcher: torchrun, `gradaccum launch`, mpirun, deepspeed, srun.
+
+    torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 --steps 20
+    gradaccum launch --launcher mpirun --nproc-per-node 2 --global-batch-size 24 \\
+        --micro-batch-size 4 -- examples/train.py --steps 20
+    python examples/train.py --global-batch-size 8 --micro-batch-size 2      # one process
+
+The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it, else from the
+flags with the live world size. Rank 0 prints one line per optimizer step and, with
+--output FILE, saves the final model state_dict (the task model's own keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from launcher import BatchPlan, UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="trainers.example:task", metavar="MODULE:FUNCTION")
+    p.add_argument("--global-batch-size", type=int, metavar="G")
+    p.add_argument("--micro-batch-size", type=int, metavar="M")
+    p.add_argument("--gradient-accumulation-steps", type=int, metavar="K")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--output", metavar="FILE", help="rank 0 writes the final model state_dict here")
+    # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from trainers import DDPTrainer, load_task
+    from trainers.distributed import init_distributed, shutdown
+
+    try:
+        plan = BatchPlan.from_env()
+        if plan is None:
+            if args.global_batch_size is None and args.micro_batch_size is None:
+                raise UserError("no plan: run under `gradaccum launch` or give --global-batch-size/--micro-batch-size")
+            info = init_distributed()
+            plan = BatchPlan.solve(
+                args.global_batch_size,
+                args.micro_batch_size,
+                args.gradient_accumulation_steps,
+                world_size=info.world_size,
+            )
+        trainer = DDPTrainer.from_task(load_task(args.task), plan, shuffle=not args.no_shuffle)
+        rank0 = dist.get_rank() == 0
+
+        def report(m):
+            if rank0:
+                print(
+                    f"step {m.step} loss {m.loss:.6f} items {m.items} tokens {m.count:.0f} "
+                    f"grad_norm {m.grad_norm:.4f} allreduce_rounds {m.allreduce_rounds}",
+                    flush=True,
+                )
+
+        trainer.train(args.steps, callback=report)
+        if rank0 and args.output:
+            from trainers.worker import save_atomic
+
+            save_atomic(trainer.module.state_dict(), args.output)
+        del trainer  # DDP's reducer holds the process group: let it go first
+        shutdown(barrier=True)  # no rank tears down its connections while another still writes
+        return 0
+    except UserError as e:
+        print(f"train.py (rank {os.environ.get('RANK', '0')}): error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
