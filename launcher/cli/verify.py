@@ -5,8 +5,40 @@ from __future__ import annotations
 import argparse
 
 from launcher.cli.common import info, print_json
+from launcher.errors import UserError
+from launcher.plan import BatchPlan
 
 ORDER = 60
+DEFAULT_MICRO_BATCH_SIZE = 4
+DEFAULT_ACCUMULATION_STEPS = 3
+
+
+def resolve_plan(
+    global_batch_size: int | None, micro_batch_size: int | None, accumulation_steps: int | None, world_size: int
+) -> BatchPlan:
+    """The flags' plan; what is not given defaults to micro 4 × accumulation 3 per rank."""
+    g, m, k = global_batch_size, micro_batch_size, accumulation_steps
+    if g is None:
+        m = DEFAULT_MICRO_BATCH_SIZE if m is None else m
+        k = DEFAULT_ACCUMULATION_STEPS if k is None else k
+    elif m is None and k is None:
+        return BatchPlan.solve(g, world_size=world_size, max_micro_batch_size=DEFAULT_MICRO_BATCH_SIZE)
+    return BatchPlan.solve(g, m, k, world_size=world_size)
+
+
+def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: float, task: str = "m:f") -> None:
+    """Cheap checks before torch is imported, so that bad input fails at once."""
+    module, sep, function = task.partition(":")
+    if not (module and sep and function):
+        raise UserError(f"--task must look like MODULE:FUNCTION (e.g. trainers.example:task), got {task!r}")
+    if backend != "ddp":
+        raise UserError(f"--backend {backend} is not available yet; use --backend ddp")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if not tolerance > 0:
+        raise UserError(f"--tolerance must be positive, got {tolerance}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_options(args.backend, args.steps, args.nproc_per_node, args.tolerance, args.task)
+    resolve_plan(args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps, args.nproc_per_node)
     from trainers.verify import VerifyOptions, format_report, verify
 
     opts = VerifyOptions(

@@ -1,0 +1,120 @@
+"""`gradaccum verify`: the demo passes, the scalar-mean loss visibly fails, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import run_cli
+from trainers.verify import compare_states, diagnose
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_default_verify_is_the_passing_demo(tmp_path):
+    result = run_cli("verify", "--json", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout holds exactly one JSON object
+    assert report["passed"] is True
+    assert report["world_sizes"] == [2]
+    assert report["plan"]["gradient_accumulation_steps"] > 1
+    assert report["allreduce_rounds_per_step"] == 1
+    assert report["max_rel_diff"] <= 1e-5 and isinstance(report["max_abs_diff"], float)
+    assert report["loss_mode"] == "sum"
+    steps = report["steps"]
+    assert len(steps) >= 2
+    for s in steps:
+        assert s["distributed_loss"] == pytest.approx(s["reference_loss"], rel=1e-5)
+    assert steps[-1]["reference_loss"] < steps[0]["reference_loss"]  # it trains
+    # padded variable-length sequences: the token count differs from step to step
+    assert len({s["count"] for s in steps}) > 1
+    for name in ("initial.pt", "reference.pt", "distributed.pt", "report.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is True
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    final = torch.load(tmp_path / "distributed.pt", weights_only=True)
+    assert set(initial) == set(final) and not any(k.startswith("module.") for k in final)
+    # initial.pt is the task's seeded model, before any step
+    from trainers.example import task
+
+    t = task()
+    torch.manual_seed(t.seed)
+    fresh = t.model().state_dict()
+    assert all(torch.equal(fresh[k], initial[k]) for k in fresh)
+    assert compare_states(initial, final)["max_abs_diff"] > 0  # and the run moved it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_pair_loss_without_task_count_matches_too(tmp_path):
+    result = run_cli(
+        "verify", "--json", "--task=trainers.example:task_without_count", "--steps=3", "--output-dir", str(tmp_path)
+    )
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["passed"], result.stderr
+    assert report["max_rel_diff"] <= 1e-5
+    assert report["plan"]["gradient_accumulation_steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_scalar_mean_loss_shows_a_visible_difference_and_says_why(tmp_path):
+    """The reason the (loss_sum, count) contract exists: a per-micro-batch token mean is wrong."""
+    result = run_cli("verify", "--task=trainers.example:task_scalar_mean", "--steps=3", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout
+    assert "(loss_sum, count)" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False and report["loss_mode"] == "mean"
+    assert report["max_rel_diff"] > 1e-3  # orders of magnitude above the 1e-5 tolerance
+    assert report["allreduce_rounds_per_step"] == 1  # the sync was right; the normalisation was not
+    assert any("padded sequences" in d for d in report["diagnostics"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dropout_is_diagnosed(tmp_path):
+    result = run_cli(
+        "verify", "--json", "--task=trainers.example:task_with_dropout", "--steps=2", "--output-dir", str(tmp_path)
+    )
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["passed"] is False
+    assert any("dropout is active" in d for d in report["diagnostics"])
+
+
+def test_batchnorm_and_batch_dependent_buffers_are_diagnosed():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: v.clone() for k, v in ref.items()}
+    other["1.running_mean"] += 0.5
+    other["1.num_batches_tracked"] += 3
+    cmp = compare_states(ref, other)
+    assert cmp["worst"][0]["name"] == "1.running_mean" and cmp["non_float_mismatch"] == ["1.num_batches_tracked"]
+    notes = diagnose(model, {"tolerance": 1e-5, "loss_mode": "sum", "initial_max_abs_diff": 0.0}, cmp)
+    text = "\n".join(notes)
+    assert "BatchNorm" in text and "SyncBatchNorm" in text and "GroupNorm" in text
+    assert "1.running_mean" in text and "1.num_batches_tracked" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "no_such_module_xyz:task"], "cannot import task module"),
+        (["--task", "trainers.example"], "MODULE:FUNCTION"),
+        (["--task", "trainers.example:no_such_function"], "has no function"),
+        (["--backend", "deepspeed"], "not available yet"),
+        (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_cli("verify", "--output-dir", str(out), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "report.json").exists()
