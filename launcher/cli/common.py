@@ -15,7 +15,13 @@ from launcher.plan import PRECISIONS, BatchPlan
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("batch plan (give two of the three, or the global batch alone)")
     g.add_argument("--global-batch-size", type=int, metavar="G", help="samples per optimizer step, all ranks together")
-    g.add_argument("--micro-batch-size", type=int, metavar="M", help="samples per forward/backward on one rank")
+    g.add_argument(
+        "--micro-batch-size",
+        type=micro_batch_arg,
+        metavar="M",
+        help="samples per forward/backward on one rank, or 'auto': measure the task's model and take the "
+        "largest that fits the memory budget (needs --task where the command has it)",
+    )
     g.add_argument("--gradient-accumulation-steps", type=int, metavar="K", help="micro-steps per optimizer step")
     g.add_argument(
         "--max-micro-batch-size",
@@ -27,6 +33,40 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         "--model-parallel-size", type=int, default=1, metavar="N", help="ranks per model replica (default 1)"
     )
     g.add_argument("--precision", choices=PRECISIONS, default="fp32", help="training precision recorded in the plan")
+
+
+def micro_batch_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
+def auto_micro_plan(args: argparse.Namespace, world_size: int, processes_per_device: int) -> BatchPlan:
+    """--micro-batch-size auto: measure the task's model, fit, choose (imports torch)."""
+    task = getattr(args, "task", None)
+    if not task:
+        raise UserError(
+            "--micro-batch-size auto measures a model: give --task MODULE:FUNCTION, or run "
+            "`gradaccum plan --micro-batch-size auto --task ...` first and pass the micro-batch it picks"
+        )
+    if args.global_batch_size is None or args.gradient_accumulation_steps is not None:
+        raise UserError("--micro-batch-size auto needs --global-batch-size and no --gradient-accumulation-steps")
+    from trainers.autobatch import auto_micro_batch
+
+    result = auto_micro_batch(
+        task,
+        args.global_batch_size,
+        world_size,
+        budget_bytes=getattr(args, "memory_budget", None),
+        processes_per_device=processes_per_device,
+        model_parallel_size=args.model_parallel_size,
+        precision=args.precision,
+    )
+    info(result.report())
+    return result.plan
 
 
 def add_lr_args(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +136,8 @@ def world_size_from_args(args: argparse.Namespace) -> int:
 def plan_from_args(args: argparse.Namespace, world_size: int | None = None) -> BatchPlan:
     if world_size is None:
         world_size = world_size_from_args(args)
+    if args.micro_batch_size == "auto":
+        return auto_micro_plan(args, world_size, getattr(args, "nproc_per_node", None) or world_size)
     return BatchPlan.solve(
         args.global_batch_size,
         args.micro_batch_size,

@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_batch_args(p)
     add_world_args(p)
     add_lr_args(p)
+    p.add_argument(
+        "--task",
+        metavar="MODULE:FUNCTION",
+        help="with --micro-batch-size auto: the task whose model is measured (e.g. trainers.example:task)",
+    )
     m = p.add_argument_group("memory trade-off table (micro-batch / accumulation choices)")
     m.add_argument(
         "--memory-per-sample",
