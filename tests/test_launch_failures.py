@@ -45,7 +45,7 @@ class Launch:
                 pytest.fail(f"launch ended early ({self.proc.returncode}):\n{self.log[-4000:]}")
             files = [self.out / f"pid-{rank}" for rank in range(2)]
             if all(f.exists() and f.read_text() for f in files):
-                time.sleep(1.0)  # let them get into the all-reduce loop
+                time.sleep(0.5)  # well inside the all-reduce loop
                 return {rank: int(f.read_text()) for rank, f in enumerate(files)}
             time.sleep(0.1)
         self.kill()
