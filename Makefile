@@ -27,7 +27,8 @@ os-deps:
 	bash .ci/os-deps.sh
 
 demo: venv
-	$(BIN)/gradaccum plan --global-batch-size 96 --micro-batch-size 4 --nnodes 2 --nproc-per-node 4
+	$(BIN)/gradaccum plan --global-batch-size 24 --micro-batch-size 4 --world-size 2
+	$(BIN)/gradaccum verify --output-dir runs/demo
 
 # pytest exit 5 (no tests collected) is a failure, not a pass.
 test: os-deps venv
