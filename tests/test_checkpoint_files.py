@@ -106,10 +106,11 @@ SAVER = """
 import sys, torch
 from trainers.checkpoint import save_checkpoint
 root = sys.argv[1]
-big = {"model": {"w": torch.randn(4_000_000)}}
+big = {"model": {"w": torch.randn(16_000_000)}}  # 64 MB: a save takes a good fraction of a second
 for step in range(1, 10_000):
     big["step"] = step
-    print("saving", step, flush=True)
+    print("ready", step, flush=True)
+    sys.stdin.readline()  # the test says when to start this save, so it knows a save is under way
     save_checkpoint(root, step, big, keep_last=3)
 """
 
@@ -117,13 +118,16 @@ for step in range(1, 10_000):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
-    # Kill right after a save announced itself: a 16 MB save takes tens of ms, so the
-    # kill lands inside it; the test retries until it has seen a half-written save.
-    for attempt in range(10):
+    for attempt, delay in enumerate((0.05, 0.02, 0.1, 0.01, 0.2)):
         root = tmp_path / f"try{attempt}"
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE, text=True)
-        while proc.stdout.readline().split() != ["saving", str(3 + attempt % 3)]:
-            pass
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3):  # two complete saves first
+            assert proc.stdout.readline().split()[0] == "ready"
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        time.sleep(delay)  # the third save has started
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         if any(p.name.startswith(".tmp-") for p in root.iterdir()):
@@ -132,12 +136,12 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         pytest.fail("never managed to kill the process in the middle of a save")
     path = resolve_checkpoint(root)
     state, _, manifest = load_checkpoint(path)
-    assert state["step"] == manifest["step"] >= 2
+    assert state["step"] == manifest["step"] == 2
     r = run_cli("checkpoint", "inspect", str(path), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["complete"] is True
     # The next save cleans the half-written directory up.
-    save_checkpoint(root, manifest["step"] + 1, state)
+    save_checkpoint(root, 3, state)
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
