@@ -58,6 +58,7 @@ class StepMetrics:
     allreduce_rounds: int | None = None  # filled by trainers that count them
     lr: float | None = None
     step: int = 0
+    skipped: bool = False  # fp16: the gradients overflowed and the optimizer step was skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +72,10 @@ def _backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
+def _no_progress(micro_step: int | None, phase: str) -> None:
+    pass
+
+
 @dataclasses.dataclass
 class AccumulationHooks:
     """The seams between the shared micro-step loop and one trainer.
@@ -81,6 +86,10 @@ class AccumulationHooks:
     scale_gradients: multiplies the accumulated gradients (pair losses without count_fn)
     all_reduce_sum:  sums a small float64 tensor over data-parallel ranks (may be in place)
     autocast:        context around the forward (mixed precision hooks in here)
+    reduce_gradients: when set, the boundary backward runs in no_sync too and this reduces
+                     the accumulated gradients once after the last micro-step (the fp32
+                     accumulator of low-precision parameters: see trainers/precision.py)
+    progress:        progress(micro_step or None, phase), for the hang watchdog; cheap
     """
 
     step: Callable[[], float | torch.Tensor | None]
@@ -89,6 +98,8 @@ class AccumulationHooks:
     backward: Callable[[torch.Tensor], None] = _backward
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    reduce_gradients: Callable[[], None] | None = None
+    progress: Callable[[int | None, str], None] = _no_progress
 
 
 def gradient_scaler(parameters: Iterable[torch.nn.Parameter]) -> Callable[[float], None]:
@@ -168,6 +179,7 @@ def accumulation_step(
         # The one all-reduce of counts, before the first forward: every micro-step's loss
         # can then be scaled by the final global denominator as it goes.
         expected_local = float(sum(float(count_fn(mb.batch)) for mb in real))
+        hooks.progress(None, "counts")
         total = hooks.all_reduce_sum(torch.tensor([expected_local], dtype=torch.float64, device=device))
         global_count = float(total[0])
         pre_scale = dp_size / global_count if global_count > 0 else 0.0
@@ -176,8 +188,9 @@ def accumulation_step(
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     mode = None
     for i, mb in enumerate(micro_batches):
-        boundary = i == k - 1
-        with hooks.no_sync() if not boundary else nullcontext():
+        sync = i == k - 1 and hooks.reduce_gradients is None
+        with hooks.no_sync() if not sync else nullcontext():
+            hooks.progress(i, "forward")
             with hooks.autocast():
                 loss, count, this_mode = split_loss(loss_fn(model, mb.batch))
             if mode is None:
@@ -192,6 +205,7 @@ def accumulation_step(
                 weight = pre_scale
             else:
                 weight = 1.0  # raw sums; the gradients are scaled at the boundary
+            hooks.progress(i, "backward")
             hooks.backward(loss * weight)
         if mb.items > 0:
             if mode == MEAN:
@@ -201,6 +215,9 @@ def accumulation_step(
                 stats[0] += loss.detach().double()
                 stats[1] += torch.as_tensor(count, dtype=torch.float64, device=stats.device)
 
+    if hooks.reduce_gradients is not None:
+        hooks.progress(None, "reduce")
+        hooks.reduce_gradients()
     items = sum(mb.items for mb in real)
     if mode == SUM and expected_local is not None:
         returned = float(stats[1])
@@ -211,10 +228,12 @@ def accumulation_step(
             )
     # The only all-reduce of counts when count_fn is absent; the loss sum rides along for
     # the metric. With count_fn it carries the metric only.
+    hooks.progress(None, "totals")
     totals = hooks.all_reduce_sum(torch.cat([stats, torch.tensor([items], dtype=torch.float64, device=stats.device)]))
     global_loss_numer, global_count, global_items = (float(x) for x in totals)
     if mode == SUM and pre_scale is None:
         hooks.scale_gradients(dp_size / global_count if global_count > 0 else 0.0)
+    hooks.progress(None, "optimizer step")
     norm = hooks.step()
 
     sizes = [float(count_fn(mb.batch)) for mb in real] if count_fn is not None and mode == MEAN else []
