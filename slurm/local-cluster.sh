@@ -75,11 +75,15 @@ all_daemons_alive() {
   done
 }
 
-nodes_ready() { # all configured nodes report idle (or mixed/allocated: busy but healthy)
+nodes_idle() { # every configured node reports idle: a fresh start is complete
   local n states
   n=$(configured_nodes)
   states=$(SLURM_CONF=$CONF sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
-  [ "$(echo "$states" | grep -cE ' (idle|mix|alloc)$')" -eq "$n" ]
+  [ "$(echo "$states" | grep -c ' idle$')" -eq "$n" ]
+}
+
+controller_answers() {
+  SLURM_CONF=$CONF scontrol ping 2>/dev/null | grep -q 'is UP'
 }
 
 write_config() { # nodes
@@ -159,7 +163,7 @@ start() { # nodes
     slurmd -f "$CONF" -N "n$i" 9>&- || die "slurmd n$i failed to start; see $DIR/logs/slurmd.n$i.log"
   done
   deadline=$((SECONDS + READY_TIMEOUT_S))
-  until nodes_ready; do
+  until nodes_idle; do
     if [ $SECONDS -ge $deadline ]; then
       SLURM_CONF=$CONF sinfo -N >&2 || true
       die "nodes not idle after ${READY_TIMEOUT_S}s; see $DIR/logs/"
@@ -227,14 +231,21 @@ cmd_up() {
     die "--nodes must be an integer from 1 to 64, got '$want'"
   fi
   need_tools
-  if all_daemons_alive && nodes_ready; then
-    if [ -z "$want" ] || [ "$want" -eq "$(configured_nodes)" ]; then
-      log "already up: $(configured_nodes) node(s)"
+  local have
+  have=$(configured_nodes)
+  # A running cluster is left alone whatever its jobs do (busy or completing nodes are fine):
+  # other test sessions and users may be in the middle of a job.
+  if all_daemons_alive && controller_answers; then
+    if [ -z "$want" ] || [ "$want" -eq "$have" ]; then
+      log "already up: $have node(s)"
       echo "export SLURM_CONF=$CONF"
       return 0
     fi
-    log "running with $(configured_nodes) node(s); restarting with $want"
+    log "running with $have node(s); restarting with $want"
+  elif [ "$have" -gt 0 ]; then
+    log "not healthy (a daemon is gone or slurmctld does not answer); restarting"
   fi
+  [ -n "$want" ] || [ "$have" -eq 0 ] || want=$have
   stop
   start "${want:-1}"
   echo "export SLURM_CONF=$CONF"
