@@ -4,10 +4,14 @@
     gradaccum launch --launcher mpirun --nproc-per-node 2 --global-batch-size 24 \\
         --micro-batch-size 4 -- examples/train.py --steps 20
     python examples/train.py --global-batch-size 8 --micro-batch-size 2      # one process
+    torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 \\
+        --steps 20 --checkpoint-dir ckpt --checkpoint-every 5 --resume auto   # restartable, any world size
 
 The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it, else from the
 flags with the live world size. Rank 0 prints one line per optimizer step and, with
---output FILE, saves the final model state_dict (the task model's own keys).
+--output FILE, saves the final model state_dict (the task model's own keys). --steps is the
+total: a resumed run trains the steps left. SIGUSR1 or SIGTERM on any rank: every rank stops
+after the same step, writes a checkpoint (with --checkpoint-dir) and exits 0.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", metavar="FILE", help="rank 0 writes the final model state_dict here")
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    from trainers.resume import add_checkpoint_args
+
+    add_checkpoint_args(p)
     return p.parse_args(argv)
 
 
@@ -39,20 +46,35 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainers import DDPTrainer, load_task
     from trainers.distributed import init_distributed, shutdown
+    from trainers.resume import (
+        agree_on_checkpoint,
+        check_checkpoint_args,
+        checkpoint_plan,
+        install_stop_handlers,
+        plan_for_resume,
+        save_final,
+    )
 
     try:
+        checkpoint_kwargs = check_checkpoint_args(args)
         plan = BatchPlan.from_env()
+        resume_from = None
+        if args.resume:
+            init_distributed()
+            resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
         if plan is None:
-            if args.global_batch_size is None and args.micro_batch_size is None:
-                raise UserError("no plan: run under `gradaccum launch` or give --global-batch-size/--micro-batch-size")
+            g, m, k = args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps
             info = init_distributed()
-            plan = BatchPlan.solve(
-                args.global_batch_size,
-                args.micro_batch_size,
-                args.gradient_accumulation_steps,
-                world_size=info.world_size,
-            )
-        trainer = DDPTrainer.from_task(load_task(args.task), plan, shuffle=not args.no_shuffle)
+            if resume_from is not None:  # the checkpoint's global batch, re-solved for this world size
+                plan = plan_for_resume(checkpoint_plan(resume_from), info.world_size, g, m, k)
+            elif g is None and m is None:
+                raise UserError("no plan: run under `gradaccum launch` or give --global-batch-size/--micro-batch-size")
+            else:
+                plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
+        trainer = DDPTrainer.from_task(load_task(args.task), plan, shuffle=not args.no_shuffle, **checkpoint_kwargs)
+        if resume_from is not None:
+            trainer.resume(resume_from, lr_scaling=args.lr_scaling)
+        install_stop_handlers(trainer)  # SIGUSR1/SIGTERM: checkpoint after this step, stop
         rank0 = dist.get_rank() == 0
 
         def report(m):
@@ -63,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
-        trainer.train(args.steps, callback=report)
-        if rank0 and args.output:
+        trainer.train(max(0, args.steps - trainer.global_step), callback=report)
+        save_final(trainer)
+        if trainer.stopped and rank0:
+            print(
+                f"train.py: stopped after step {trainer.global_step} on request; continue with --resume auto",
+                file=sys.stderr,
+                flush=True,
+            )
+        if rank0 and args.output and not trainer.stopped:
             from trainers.worker import save_atomic
 
             save_atomic(trainer.module.state_dict(), args.output)

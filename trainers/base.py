@@ -8,8 +8,10 @@ in-memory state for checkpoints) lives here once.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +80,9 @@ class BaseTrainer:
         device: torch.device | None = None,
         dp_rank: int = 0,
         log_every: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+        keep_last: int | None = None,
     ) -> None:
         self.model = model  # what forward goes through (DDP wrapper, DeepSpeed engine, plain module)
         self.module = module  # the user's own module: its state_dict has no wrapper prefix
@@ -94,6 +99,14 @@ class BaseTrainer:
         self.log_every = log_every
         self.global_step = 0
         self._warned_unequal = False
+        # checkpoints (trainers/resume.py): every `checkpoint_every` steps into `checkpoint_dir`
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.keep_last = keep_last
+        self.last_checkpoint_step: int | None = None
+        self.stop_agreement = False  # all-reduce stop requests at each step (set by install_stop_handlers)
+        self.stopped = False  # train() ended early on request_checkpoint_and_stop()
+        self._stop_requested = False
         self.sampler = (
             GlobalBatchSampler(len(dataset), plan, dp_rank, seed=seed, shuffle=shuffle, drop_last=drop_last)
             if dataset is not None
@@ -164,8 +177,11 @@ class BaseTrainer:
                     f"step {metrics.step:>5}  loss {metrics.loss:.6f}  items {metrics.items}  "
                     f"grad-norm {metrics.grad_norm:.4g}  lr {metrics.lr:.3g}"
                 )
+            stop = self._after_train_step(metrics.step)
             if callback is not None:
                 callback(metrics)
+            if stop:
+                break
         return history
 
     fit = train
@@ -188,11 +204,53 @@ class BaseTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state_dict(); the plan in it may be for another world size."""
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore a state_dict(); the plan in it may be for another world size.
+
+        `model`/`optimizer` may be None: a DeepSpeed checkpoint keeps them in the engine's files."""
+        if state.get("model") is not None:
+            self.module.load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["step"])
+
+    # --------------------------------------------------------------- checkpoints
+    # The logic lives in trainers/resume.py; these are the trainer's public face.
+    def save(self, root: str | os.PathLike[str] | None = None) -> Path:
+        """Checkpoint now (every rank calls it) into `root` or `checkpoint_dir`; returns step_N."""
+        from trainers.resume import save_trainer
+
+        return save_trainer(self, root)
+
+    def resume(self, path_or_root: str | os.PathLike[str], lr_scaling: Any = "linear") -> Path | None:
+        """Load a checkpoint (a step_N dir, a root: its newest complete one, or "auto":
+        `checkpoint_dir`'s newest, None if there is none yet). Another world size is fine;
+        another global batch rescales the learning rate by `lr_scaling` (an LRRule or a rule name)."""
+        from trainers.resume import resume_trainer
+
+        return resume_trainer(self, path_or_root, lr_scaling)
+
+    def request_checkpoint_and_stop(self) -> None:
+        """Ask train() to checkpoint after the current step and return. Safe in a signal
+        handler (it only sets a flag); see trainers.resume.install_stop_handlers."""
+        self._stop_requested = True
+
+    def _after_train_step(self, step: int) -> bool:
+        """Periodic checkpoint and agreed stop after optimizer step `step`; True: stop."""
+        from trainers.resume import after_train_step
+
+        return after_train_step(self, step)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """The replicated state rank 0 writes to trainer.pt (DeepSpeed: without model/optimizer)."""
+        return self.state_dict()
+
+    def _checkpoint_extra_writer(self) -> Callable[[Path], None] | None:
+        """A callable run on every rank with the temporary checkpoint dir (DeepSpeed's own save)."""
+        return None
+
+    def _load_checkpoint_extra(self, checkpoint_dir: Path) -> None:
+        """Counterpart of _checkpoint_extra_writer on resume (every rank)."""

@@ -8,6 +8,7 @@ and then calls the default all-reduce, so the claim is measured, not assumed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -72,6 +73,9 @@ class DDPTrainer(BaseTrainer):
         ddp_kwargs: dict[str, Any] | None = None,
         log: bool = True,
         log_every: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+        keep_last: int | None = None,
     ) -> None:
         if plan.model_parallel_size != 1:
             raise UserError(
@@ -104,6 +108,9 @@ class DDPTrainer(BaseTrainer):
             device=info.device,
             dp_rank=info.rank,
             log_every=log_every,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            keep_last=keep_last,
         )
         self.dist = info
         self.sync_every_micro_step = sync_every_micro_step

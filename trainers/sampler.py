@@ -60,6 +60,10 @@ class GlobalBatchSampler:
         self.drop_last = drop_last
         self.epoch = 0
         self.step_in_epoch = 0
+        #: items of epoch `offset_epoch` consumed before a resume with another global batch
+        #: size; that epoch's global batches start after them (0: a plain epoch)
+        self.offset_epoch = 0
+        self.epoch_offset = 0
         #: the global batch of the latest next_step() (all ranks' items), for filler items
         self.last_global_batch: list[int] = []
         self._order_epoch = -1
@@ -85,9 +89,18 @@ class GlobalBatchSampler:
             self._order, self._order_epoch = order, epoch
         return self._order
 
+    def _start(self, epoch: int) -> int:
+        return self.epoch_offset if epoch == self.offset_epoch else 0
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in `epoch`: len(self), or fewer after a resume with a new global batch."""
+        n, g = self.dataset_len - self._start(epoch), self.global_batch_size
+        return n // g if self.drop_last else math.ceil(n / g)
+
     def global_batch(self, epoch: int, step: int) -> list[int]:
         g = self.global_batch_size
-        return self.order(epoch)[step * g : (step + 1) * g]
+        start = self._start(epoch) + step * g
+        return self.order(epoch)[start : start + g]
 
     def split(self, global_indices: list[int]) -> list[list[list[int]]]:
         """[rank][micro_step] -> indices. Contiguous: rank r's items precede rank r+1's."""
@@ -105,7 +118,7 @@ class GlobalBatchSampler:
     # ------------------------------------------------------------------ position
     def next_step(self) -> list[list[int]]:
         """This rank's K micro-batches for the next optimizer step; moves past it."""
-        if self.step_in_epoch >= len(self):
+        if self.step_in_epoch >= self.steps_in_epoch(self.epoch):
             self.epoch += 1
             self.step_in_epoch = 0
         batch = self.global_batch(self.epoch, self.step_in_epoch)
@@ -115,16 +128,16 @@ class GlobalBatchSampler:
 
     def __iter__(self):
         """The remaining steps of the current epoch (a new epoch if this one is done)."""
-        if self.step_in_epoch >= len(self):
+        if self.step_in_epoch >= self.steps_in_epoch(self.epoch):
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        while self.step_in_epoch < len(self):
+        while self.step_in_epoch < self.steps_in_epoch(self.epoch):
             yield self.next_step()
 
     @property
     def consumed_samples(self) -> int:
         g = self.global_batch_size
         per_epoch = self.dataset_len if not self.drop_last else len(self) * g
-        return self.epoch * per_epoch + min(self.step_in_epoch * g, per_epoch)
+        return self.epoch * per_epoch + min(self._start(self.epoch) + self.step_in_epoch * g, self.dataset_len)
 
     def state_dict(self) -> dict[str, Any]:
         """The position in global batches: valid at any world size."""
@@ -137,12 +150,17 @@ class GlobalBatchSampler:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "offset_epoch": self.offset_epoch,
+            "epoch_offset": self.epoch_offset,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_new_global_batch: bool = False) -> None:
+        """Continue at the saved position. With `allow_new_global_batch`, a checkpoint written
+        with another global batch size continues at the first item it had not consumed."""
         # Anything that changes which items a global batch holds would silently skip or
         # repeat data after the resume: refuse it.
-        for key in ("dataset_len", "global_batch_size", "seed", "shuffle", "drop_last"):
+        keys = ("dataset_len", "seed", "shuffle", "drop_last")
+        for key in keys if allow_new_global_batch else (*keys, "global_batch_size"):
             if key in state and state[key] != getattr(self, key):
                 raise UserError(
                     f"cannot resume the sampler: the checkpoint has {key}={state[key]!r} but this run has "
@@ -151,3 +169,15 @@ class GlobalBatchSampler:
                 )
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
+        self.offset_epoch = int(state.get("offset_epoch", 0))
+        self.epoch_offset = int(state.get("epoch_offset", 0))
+        old_g = int(state.get("global_batch_size", self.global_batch_size))
+        if old_g != self.global_batch_size:
+            # The position is kept in items: the old run's epoch, re-cut into new global batches.
+            start = self._start(self.epoch)
+            left = self.dataset_len - start
+            old_steps = left // old_g if self.drop_last else math.ceil(left / old_g)
+            used = start + self.step_in_epoch * old_g
+            if self.step_in_epoch >= old_steps:
+                self.epoch, used = self.epoch + 1, 0
+            self.offset_epoch, self.epoch_offset, self.step_in_epoch = self.epoch, used, 0

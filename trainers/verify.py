@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from launcher.atomic import write_json_atomic
-from launcher.cli.verify import check_options
+from launcher.cli.verify import check_interrupt_options, check_options
 from launcher.cli.verify import resolve_plan as cli_resolve_plan
 from launcher.errors import UserError
 from launcher.plan import PLAN_ENV_VAR, BatchPlan
@@ -51,6 +51,8 @@ class VerifyOptions:
     tolerance: float = 1e-5
     sync_every_micro_step: bool = False
     backend: str = "ddp"
+    interrupt_at_step: int | None = None  # SIGKILL after this step's checkpoint, then resume
+    resume_nproc_per_node: int | None = None  # resume at this many processes (same global batch)
 
 
 def resolve_plan(opts: VerifyOptions) -> BatchPlan:
@@ -104,14 +106,25 @@ def run_reference(task: Task, plan: BatchPlan, steps: int, shuffle: bool, log: C
     return trainer, initial, states, metrics
 
 
-def run_distributed(opts: VerifyOptions, plan: BatchPlan, out: Path, log: Callable[[str], None]) -> int:
+def run_distributed(
+    opts: VerifyOptions,
+    plan: BatchPlan,
+    out: Path,
+    log: Callable[[str], None],
+    extra_args: Sequence[str] = (),
+    fresh: bool = True,
+    runner: Callable[..., int] | None = None,
+) -> int:
+    """Start the workers under torchrun. `fresh=False` continues an interrupted run (its
+    step records are kept); `runner` replaces run_command (trainers/interrupt.py)."""
     from launcher.run import format_command, run_command
 
     steps_dir = out / STEPS_DIR
-    if steps_dir.exists():
-        shutil.rmtree(steps_dir)  # stale steps of an earlier run must not be compared
-    steps_dir.mkdir(parents=True)
-    plan_file = out / "plan.json"
+    if fresh:
+        if steps_dir.exists():
+            shutil.rmtree(steps_dir)  # stale steps of an earlier run must not be compared
+        steps_dir.mkdir(parents=True)
+    plan_file = out / ("plan.json" if fresh else f"plan-resumed-world{plan.world_size}.json")
     write_json_atomic(plan_file, plan.to_dict())
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.world_size}"]
     argv += ["-m", "trainers.worker", "--task", opts.task, "--steps", str(opts.steps), "--output-dir", str(steps_dir)]
@@ -119,6 +132,7 @@ def run_distributed(opts: VerifyOptions, plan: BatchPlan, out: Path, log: Callab
         argv.append("--no-shuffle")
     if opts.sync_every_micro_step:
         argv.append("--sync-every-micro-step")
+    argv += list(extra_args)
     env = dict(os.environ)
     env[PLAN_ENV_VAR] = str(plan_file.resolve())
     env.setdefault("OMP_NUM_THREADS", "1")  # P processes on a small machine; also silences torchrun's notice
@@ -129,7 +143,7 @@ def run_distributed(opts: VerifyOptions, plan: BatchPlan, out: Path, log: Callab
         stdout = sys.stderr.fileno()  # workers' output is progress: keep stdout for --json
     except (AttributeError, OSError, ValueError):
         stdout = None
-    return run_command(argv, env=env, stdout=stdout)
+    return (runner or run_command)(argv, env=env, stdout=stdout)
 
 
 def load_distributed(out: Path, steps: int) -> list[dict[str, Any]]:
@@ -230,6 +244,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_options(opts.backend, opts.steps, opts.nproc_per_node, opts.tolerance, opts.task)
     plan = resolve_plan(opts)
+    check_interrupt_options(opts.steps, opts.interrupt_at_step, opts.resume_nproc_per_node, plan)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: a task module in the current directory
     task = load_task(opts.task)
@@ -248,7 +263,14 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     t1 = time.monotonic()
     save_atomic(initial, out / "initial.pt")
     save_atomic(ref_states[-1], out / "reference.pt")
-    rc = run_distributed(opts, plan, out, log)
+    interrupted: dict[str, Any] = {}
+    if opts.interrupt_at_step is not None:
+        from trainers.interrupt import run_interrupted
+
+        interrupted = run_interrupted(opts, plan, out, log)
+        rc = interrupted.pop("rc")
+    else:
+        rc = run_distributed(opts, plan, out, log)
     t2 = time.monotonic()
     records = load_distributed(out, opts.steps)
 
@@ -256,7 +278,8 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
         "task": task.name,
         "backend": opts.backend,
         "plan": plan.to_dict(),
-        "world_sizes": [plan.world_size],
+        "world_sizes": interrupted.pop("world_sizes", [plan.world_size]),
+        **interrupted,
         "tolerance": opts.tolerance,
         "loss_mode": ref_metrics[0].loss_mode,
         "optimizer": type(reference.optimizer).__name__,
@@ -283,6 +306,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
                 "items": dm["items"],
                 "count": dm["count"],
                 "lr": dm["lr"],
+                "world_size": rec.get("world_size"),
             }
         )
         final_cmp = cmp
@@ -296,7 +320,12 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
         complete and report["initial_max_abs_diff"] == 0.0 and report["max_rel_diff"] <= opts.tolerance
     )
     problems = []
-    if rc != 0:
+    if interrupted and not interrupted["resumed"]:
+        problems.append(
+            f"the run never reached the checkpoint of step {opts.interrupt_at_step} to be interrupted there "
+            f"(it exited with status {interrupted['interrupt_exit_status']})"
+        )
+    elif rc != 0:
         problems.append(f"the distributed run exited with status {rc} (its output is above)")
     elif len(steps) != opts.steps:
         problems.append(f"the distributed run wrote {len(steps)} of {opts.steps} steps")
@@ -333,6 +362,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{s['step']:>4}  {s['reference_loss']:>14.6f}  {s['distributed_loss']:>16.6f}  "
             f"{s['max_abs_diff']:>12.3e}  {s['max_rel_diff']:>12.3e}  {s['allreduce_rounds']:>17}"
+        )
+    if report.get("interrupted_at_step") is not None:
+        sizes = " -> ".join(str(w) for w in report["world_sizes"])
+        lines.append(
+            f"interrupted: SIGKILL after the checkpoint of step {report['interrupted_at_step']}, resumed with "
+            f"--resume auto; world sizes {sizes}"
         )
     lines.append("")
     rounds = report["allreduce_rounds_per_step"]

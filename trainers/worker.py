@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--gradient-accumulation-steps", type=int)
+    from trainers.resume import add_checkpoint_args
+
+    add_checkpoint_args(p)
+    # gradaccum verify --interrupt-at-step S: every rank waits here after step S's checkpoint
+    # until verify SIGKILLs the whole run (see trainers/interrupt.py)
+    p.add_argument("--hold-after-step", type=int, metavar="S", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -55,27 +61,43 @@ def run(args: argparse.Namespace) -> int:
 
     from trainers.ddp import DDPTrainer
     from trainers.distributed import init_distributed, log_rank0, shutdown
+    from trainers.resume import (
+        agree_on_checkpoint,
+        check_checkpoint_args,
+        checkpoint_plan,
+        install_stop_handlers,
+        plan_for_resume,
+        save_final,
+    )
     from trainers.task import load_task
 
+    checkpoint_kwargs = check_checkpoint_args(args)
     plan = BatchPlan.from_env()
+    resume_from = None
+    if args.resume:
+        init_distributed()
+        resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
     if plan is None:
         info = init_distributed()
-        plan = BatchPlan.solve(
-            args.global_batch_size,
-            args.micro_batch_size,
-            args.gradient_accumulation_steps,
-            world_size=info.world_size,
-        )
+        g, m, k = args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps
+        if resume_from is not None:  # same global batch, re-solved for this world size
+            plan = plan_for_resume(checkpoint_plan(resume_from), info.world_size, g, m, k)
+        else:
+            plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
     task = load_task(args.task)
     trainer = DDPTrainer.from_task(
-        task, plan, shuffle=not args.no_shuffle, sync_every_micro_step=args.sync_every_micro_step
+        task, plan, shuffle=not args.no_shuffle, sync_every_micro_step=args.sync_every_micro_step, **checkpoint_kwargs
     )
+    if resume_from is not None:
+        trainer.resume(resume_from, lr_scaling=args.lr_scaling)
+    install_stop_handlers(trainer)
     rank0 = dist.get_rank() == 0
     out = Path(args.output_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
+    if rank0 and trainer.global_step == 0:
         save_atomic({"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0))
-    for _ in range(args.steps):
+    while trainer.global_step < args.steps:
         (metrics,) = trainer.train(1)
         if rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
@@ -85,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
             f"distributed: step {metrics.step}/{args.steps}  loss {metrics.loss:.6f}  "
             f"all-reduce rounds {metrics.allreduce_rounds}"
         )
+        if trainer.stopped:
+            break
+        if metrics.step == args.hold_after_step:
+            from trainers.interrupt import hold_until_killed
+
+            hold_until_killed(out, metrics.step)
+    save_final(trainer)
     del trainer  # DDP's reducer holds the process group: let it go before the group does
     shutdown(barrier=True)
     return 0

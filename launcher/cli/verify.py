@@ -41,6 +41,25 @@ def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: floa
         raise UserError(f"--tolerance must be positive, got {tolerance}")
 
 
+def check_interrupt_options(
+    steps: int, interrupt_at_step: int | None, resume_nproc_per_node: int | None, plan: BatchPlan
+) -> None:
+    """--interrupt-at-step / --resume-nproc-per-node, before torch is imported."""
+    if interrupt_at_step is None:
+        if resume_nproc_per_node is not None:
+            raise UserError("--resume-nproc-per-node needs --interrupt-at-step S (after which step to kill the run)")
+        return
+    if not 1 <= interrupt_at_step < steps:
+        raise UserError(
+            f"--interrupt-at-step must be between 1 and {steps - 1} (--steps {steps}: steps must be left to resume), "
+            f"got {interrupt_at_step}"
+        )
+    if resume_nproc_per_node is not None:
+        if resume_nproc_per_node < 1:
+            raise UserError(f"--resume-nproc-per-node must be at least 1, got {resume_nproc_per_node}")
+        plan.with_world_size(resume_nproc_per_node)  # PlanError names the world sizes that keep the batch
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify",
@@ -70,13 +89,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="demonstration: disable no_sync, so every micro-step all-reduces (K rounds per step)",
     )
+    p.add_argument(
+        "--interrupt-at-step",
+        type=int,
+        metavar="S",
+        help="SIGKILL the distributed run after the checkpoint of step S, resume it (--resume auto), compare",
+    )
+    p.add_argument(
+        "--resume-nproc-per-node",
+        type=int,
+        metavar="P2",
+        help="with --interrupt-at-step: resume at P2 processes (same global batch, plan re-solved)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_options(args.backend, args.steps, args.nproc_per_node, args.tolerance, args.task)
-    resolve_plan(args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps, args.nproc_per_node)
+    plan = resolve_plan(
+        args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps, args.nproc_per_node
+    )
+    check_interrupt_options(args.steps, args.interrupt_at_step, args.resume_nproc_per_node, plan)
     from trainers.verify import VerifyOptions, format_report, verify
 
     opts = VerifyOptions(
@@ -91,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         sync_every_micro_step=args.sync_every_micro_step,
         backend=args.backend,
+        interrupt_at_step=args.interrupt_at_step,
+        resume_nproc_per_node=args.resume_nproc_per_node,
     )
     report = verify(opts, log=info)
     if args.json:

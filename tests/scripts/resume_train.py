@@ -1,0 +1,100 @@
+"""Worker for tests/test_resume_processes.py: DDPTrainer with checkpoints and `resume("auto")`,
+and two ways to be interrupted at a chosen point:
+
+  --die-at-step S         rank 1 SIGKILLs itself in the middle of step S (first attempt of a
+                          torchrun --max-restarts job only: the restarted workers carry on)
+  --hang-in-save-at-step S  the checkpoint of step S stops half-written (through the
+                          `_checkpoint_extra_writer` hook that DeepSpeed uses) and touches
+                          --marker, until the test SIGKILLs the run
+
+`slow_task` is the MLP task of trainers.example with a pause in the loss, so that a kill from
+outside lands in the middle of the run (the arithmetic is unchanged).
+
+    torchrun --nproc-per-node 2 tests/scripts/resume_train.py --steps 10 --checkpoint-dir D --output F
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+SLOW_LOSS_S = float(os.environ.get("RESUME_TEST_SLOW_LOSS_S", "0.05"))
+
+
+def slow_task():
+    from trainers.example import mlp_task
+
+    task = mlp_task()
+    loss = task.loss
+
+    def slow_loss(model, batch):
+        time.sleep(SLOW_LOSS_S)
+        return loss(model, batch)
+
+    task.loss = slow_loss
+    task.name = "MLP regression (mean loss), slowed down"
+    return task
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--die-at-step", type=int)
+    p.add_argument("--hang-in-save-at-step", type=int)
+    p.add_argument("--marker")
+    args = p.parse_args()
+
+    import torch.distributed as dist
+
+    from launcher import BatchPlan
+    from trainers import DDPTrainer
+    from trainers.distributed import init_distributed, shutdown
+    from trainers.resume import install_stop_handlers
+    from trainers.worker import save_atomic
+
+    class Trainer(DDPTrainer):
+        def _checkpoint_extra_writer(self):
+            def write(tmp_dir: Path) -> None:
+                (tmp_dir / f"extra_rank{dist.get_rank()}.txt").write_text(f"step {self.global_step}\n")
+                if self.global_step == args.hang_in_save_at_step:
+                    Path(args.marker).write_text(str(self.global_step))
+                    time.sleep(600)  # the test kills us here, with the save half done
+
+            return write
+
+    info = init_distributed()
+    plan = BatchPlan.solve(12, 2, world_size=info.world_size)
+    task = slow_task()
+    trainer = Trainer.from_task(task, plan, checkpoint_dir=args.checkpoint_dir, checkpoint_every=1)
+    trainer.resume("auto")
+    if args.die_at_step is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        loss, start, calls = task.loss, trainer.global_step, [0]
+
+        def dying_loss(model, batch):
+            calls[0] += 1  # K = 3 micro-steps per optimizer step at world size 2
+            step, micro = start + (calls[0] - 1) // 3 + 1, (calls[0] - 1) % 3 + 1
+            if info.rank == 1 and step == args.die_at_step and micro == 2:
+                print(f"rank 1: SIGKILL to myself in step {step}, micro-step 2", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return loss(model, batch)
+
+        trainer.loss = dying_loss
+    install_stop_handlers(trainer)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    trainer.log(f"attempt {attempt}: starting at step {trainer.global_step}")
+    trainer.train(max(0, args.steps - trainer.global_step))
+    if info.rank == 0:
+        save_atomic(trainer.module.state_dict(), args.output)
+    del trainer
+    shutdown(barrier=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

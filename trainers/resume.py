@@ -1,0 +1,369 @@
+"""Trainer checkpoints: save, resume (also at another world size or global batch), stop on a signal.
+
+`BaseTrainer.save / resume / request_checkpoint_and_stop` call into this module; the files
+themselves are written by `trainers.checkpoint` (atomic, verified, `latest` pointer).
+
+What a checkpoint holds: model, optimizer, LR scheduler, the GlobalBatchSampler position
+(in global batches, so it is valid at any world size), the step counter and the plan
+(trainer.pt, rank 0 only), plus every rank's RNG states (torch, numpy, python).
+
+Resuming:
+  - same world size: bit-for-bit the uninterrupted run (CPU, fp32);
+  - another world size, same global batch: the plan is re-solved with
+    `BatchPlan.with_world_size` (accumulation, and if needed the micro-batch, change) and the
+    sampler continues with the next global batch, so the updates are the same up to the
+    summation order of the all-reduce (fp32: relative 1e-7 here);
+  - another global batch (the user asked for it): the sampler continues at the first item
+    not yet consumed and the learning rate is rescaled (`launcher.lr.LRRule`, linear by
+    default), which the log states.
+
+Stopping (pre-emption): `install_stop_handlers(trainer)` makes SIGUSR1/SIGTERM call
+`trainer.request_checkpoint_and_stop()`. At every step boundary the ranks all-reduce (MAX)
+their stop flags, so a signal seen by any one rank stops every rank after the same step;
+train() then writes a checkpoint (when `checkpoint_dir` is set) and returns with
+`trainer.stopped = True`. A second signal of the same kind takes its default action.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.errors import UserError
+from launcher.lr import LRRule
+from launcher.plan import BatchPlan
+from trainers.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+if TYPE_CHECKING:
+    from trainers.base import BaseTrainer
+
+AUTO = "auto"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ process group
+def _group() -> tuple[int, int]:
+    """(rank, world size) of the live process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    return dist.barrier if _group()[1] > 1 else None
+
+
+def _log(trainer: BaseTrainer | None, message: str) -> None:
+    if trainer is not None:
+        trainer.log(message)
+    else:
+        from trainers.distributed import log_rank0
+
+        log_rank0(message)
+
+
+# ------------------------------------------------------------------ which checkpoint
+def find_checkpoint(
+    resume: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """This process's answer: "auto" -> the newest complete checkpoint under `checkpoint_dir`
+    (None when there is none yet: a first start); a path -> that checkpoint, or a root's newest."""
+    if str(resume) == AUTO:
+        if checkpoint_dir is None:
+            raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
+        return latest_checkpoint(checkpoint_dir)
+    return resolve_checkpoint(resume)
+
+
+def agree_on_checkpoint(
+    resume: str | os.PathLike[str] | None, checkpoint_dir: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """`find_checkpoint` on rank 0, broadcast to every rank (so all load the same one).
+
+    Call it on every rank once the process group is up; an error on rank 0 is raised on all.
+    """
+    if resume is None:
+        return None
+    rank, world = _group()
+    if world == 1:
+        return find_checkpoint(resume, checkpoint_dir)
+    import torch.distributed as dist
+
+    answer: list[Any] = [None]
+    if rank == 0:
+        try:
+            found = find_checkpoint(resume, checkpoint_dir)
+            answer = [("path", str(found) if found is not None else None)]
+        except UserError as e:
+            answer = [("error", str(e))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value) if value is not None else None
+
+
+def checkpoint_plan(path: str | os.PathLike[str]) -> BatchPlan:
+    """The plan a checkpoint was written with (from its manifest)."""
+    manifest = read_manifest(path)
+    if manifest.get("plan") is None:
+        raise CheckpointError(f"{Path(path) / 'manifest.json'} holds no batch plan: not a trainer checkpoint")
+    return BatchPlan.from_dict(manifest["plan"])
+
+
+def plan_for_resume(
+    saved: BatchPlan,
+    world_size: int,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+) -> BatchPlan:
+    """The plan to resume with at `world_size`.
+
+    Flags that repeat the checkpoint's plan (or none) keep its global batch: the plan is
+    re-solved with `with_world_size` (which names the compatible world sizes when the
+    global batch cannot be kept). Other flags are the user's new plan; a new global batch
+    without a micro-batch keeps the micro-batch at most the saved one (memory never grows).
+    """
+    g = saved.global_batch_size if global_batch_size is None else global_batch_size
+    m, k = micro_batch_size, gradient_accumulation_steps
+    if g == saved.global_batch_size:
+        if m in (None, saved.micro_batch_size) and k in (None, saved.gradient_accumulation_steps):
+            return saved.with_world_size(world_size)
+        saved.with_world_size(world_size)  # the global batch must fit this world at all
+        return BatchPlan.solve(g, m, k, world_size=world_size)
+    if m is None and k is None:
+        return BatchPlan.solve(g, world_size=world_size, max_micro_batch_size=saved.micro_batch_size)
+    return BatchPlan.solve(g, m, k, world_size=world_size)
+
+
+def describe_change(saved: BatchPlan, plan: BatchPlan) -> str:
+    def triad(p: BatchPlan) -> str:
+        return (
+            f"global {p.global_batch_size} = micro {p.micro_batch_size} × accumulation "
+            f"{p.gradient_accumulation_steps} × data-parallel {p.data_parallel_size}"
+        )
+
+    if saved == plan:
+        return f"same plan ({triad(plan)})"
+    return f"plan {triad(saved)} at world size {saved.world_size} -> {triad(plan)} at world size {plan.world_size}"
+
+
+# --------------------------------------------------------------------------- save
+def save_trainer(trainer: BaseTrainer, root: str | os.PathLike[str] | None = None) -> Path:
+    """Every rank calls it: rank 0 writes the replicated state, each rank its RNG state."""
+    root = root if root is not None else trainer.checkpoint_dir
+    if root is None:
+        raise UserError("no checkpoint directory: pass save(root) or checkpoint_dir= to the trainer")
+    rank, world = _group()
+    meta: dict[str, Any] = {"backend": type(trainer).__name__}
+    if trainer.sampler is not None:
+        meta["samples_consumed"] = trainer.sampler.consumed_samples
+    if trainer.optimizer is not None:
+        meta["lr"] = trainer.optimizer.param_groups[0].get("lr")
+    path = save_checkpoint(
+        root,
+        trainer.global_step,
+        trainer._checkpoint_state() if rank == 0 else None,
+        rank=rank,
+        world_size=world,
+        plan=trainer.plan,
+        rank_state=rng_state(),
+        barrier=_barrier(),
+        keep_last=trainer.keep_last,
+        write_extra=trainer._checkpoint_extra_writer(),
+        meta=meta,
+    )
+    trainer.last_checkpoint_step = trainer.global_step
+    return path
+
+
+# ------------------------------------------------------------------------- resume
+def resume_trainer(trainer: BaseTrainer, path_or_root: str | os.PathLike[str], lr_scaling: str | LRRule = "linear"):
+    """See BaseTrainer.resume. Returns the checkpoint directory, or None ("auto", none yet)."""
+    path = agree_on_checkpoint(path_or_root, trainer.checkpoint_dir)
+    if path is None:
+        _log(trainer, f"gradaccum: no checkpoint under {trainer.checkpoint_dir} yet: starting from step 0")
+        return None
+    rank, world = _group()
+    # Rank 0 verified every file (size and sha256) while choosing; the others trust that.
+    manifest = read_manifest(path)
+    same_world = manifest["world_size"] == world
+    state, rank_state, manifest = load_checkpoint(path, rank=rank if same_world else 0, verify=False)
+    saved = BatchPlan.from_dict(manifest.get("plan") or state["plan"])
+    trainer._load_checkpoint_extra(path)
+    trainer.load_state_dict({**state, "sampler": None})
+    new_global = saved.global_batch_size != trainer.plan.global_batch_size
+    if trainer.sampler is not None and state.get("sampler") is not None:
+        trainer.sampler.load_state_dict(state["sampler"], allow_new_global_batch=new_global)
+    if rank_state is not None:
+        set_rng_state(rank_state)
+    trainer._stop_requested = trainer.stopped = False
+    trainer.last_checkpoint_step = trainer.global_step
+    notes = [f"gradaccum: resumed from {path} at step {trainer.global_step}: {describe_change(saved, trainer.plan)}"]
+    if not same_world:
+        notes.append(
+            f"world size {manifest['world_size']} -> {world}: the global batch order is unchanged; "
+            "RNG states taken from rank 0's file"
+        )
+    if new_global and trainer.optimizer is not None:
+        notes.append(
+            rescale_learning_rate(
+                trainer.optimizer,
+                trainer.scheduler,
+                saved.global_batch_size,
+                trainer.plan.global_batch_size,
+                lr_scaling,
+            )
+        )
+        if trainer.sampler is not None:
+            notes.append(f"the data continues at item {trainer.sampler.consumed_samples} of the sample stream")
+    _log(trainer, "\n  ".join(notes))
+    return path
+
+
+def rescale_learning_rate(
+    optimizer: Any, scheduler: Any, old_global: int, new_global: int, rule: str | LRRule = "linear"
+) -> str:
+    """Scale every param group's lr (and a scheduler's base lrs) for a new global batch.
+
+    The optimizer's lr was right for `old_global`; a rule name means "scale from there".
+    Returns the sentence the log shows.
+    """
+    lr = float(optimizer.param_groups[0]["lr"])
+    if isinstance(rule, str):
+        # only the ratio matters here; base_lr is a placeholder the rule needs
+        rule = LRRule(rule, base_lr=1.0, base_batch_size=old_global) if rule != "none" else LRRule()
+    factor = rule.factor(new_global) / rule.factor(old_global)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        # LambdaLR & co. recompute lr = base_lr × schedule(step): scale the base, keep the schedule.
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return (
+        f"global batch {old_global} -> {new_global}: learning rate {lr:.6g} -> {lr * factor:.6g} "
+        f"(× {factor:.6g}, {rule.rule} scaling{'' if rule.rule != 'none' else ': unchanged'})"
+    )
+
+
+# ------------------------------------------------------------------- stepping hooks
+def stop_agreed(trainer: BaseTrainer) -> bool:
+    """Whether any rank asked to stop; one tiny all-reduce when stop requests are enabled."""
+    local = trainer._stop_requested
+    if not trainer.stop_agreement or _group()[1] == 1:
+        return local
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if local else 0.0], device=trainer.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def after_train_step(trainer: BaseTrainer, step: int) -> bool:
+    """Periodic checkpoint, then the agreed stop; True means train() returns now."""
+    stop = stop_agreed(trainer)
+    due = bool(trainer.checkpoint_every) and step % trainer.checkpoint_every == 0
+    if trainer.checkpoint_dir is not None and (due or stop) and trainer.last_checkpoint_step != step:
+        watchdog = getattr(trainer, "watchdog", None)
+        if watchdog is not None:  # a hang report then says where the ranks were
+            watchdog.progress(step, None, "checkpoint")
+        trainer.save()
+    if stop:
+        trainer.stopped = True
+        where = f"checkpoint step {step} written" if trainer.checkpoint_dir is not None else "no checkpoint_dir"
+        trainer.log(f"gradaccum: stop requested: stopping after step {step} ({where})")
+    return stop
+
+
+def install_stop_handlers(trainer: BaseTrainer, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+    """SIGUSR1/SIGTERM -> checkpoint after the current step and stop (every rank, same step).
+
+    Install it on every rank (it turns on the per-step all-reduce of the stop flag, which
+    every rank must join). A second signal of the same kind takes the default action, so a
+    rank stuck in a collective can still be terminated.
+    """
+    trainer.stop_agreement = True
+
+    def handler(signum: int, _frame: Any) -> None:
+        if trainer._stop_requested:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        trainer.request_checkpoint_and_stop()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def save_final(trainer: BaseTrainer) -> Path | None:
+    """A checkpoint of the last step unless one was just written (end of a run)."""
+    if trainer.checkpoint_dir is None or trainer.last_checkpoint_step == trainer.global_step:
+        return None
+    return trainer.save()
+
+
+# ----------------------------------------------------------------------- CLI flags
+def add_checkpoint_args(parser: Any) -> None:
+    """--checkpoint-dir, --checkpoint-every, --keep-last, --resume, --lr-scaling (worker, examples)."""
+    from launcher.lr import LR_RULES
+
+    g = parser.add_argument_group("checkpoints and resume")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints here (atomic; `latest` names the newest)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="checkpoint every N optimizer steps (default 0: at the end and on SIGUSR1/SIGTERM only)",
+    )
+    g.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N checkpoints (default: all)")
+    g.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: the newest complete checkpoint under --checkpoint-dir (none yet: start at step 0); "
+        "PATH: that checkpoint, or the newest complete one under that root",
+    )
+    g.add_argument(
+        "--lr-scaling",
+        choices=LR_RULES,
+        default="linear",
+        help="when resuming with a new global batch: how the learning rate follows it (default linear)",
+    )
+
+
+def check_checkpoint_args(args: Any) -> dict[str, Any]:
+    """Validate the flags; returns the trainer keyword arguments."""
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise UserError(f"--keep-last must be at least 1, got {args.keep_last}")
+    if args.checkpoint_every and args.checkpoint_dir is None:
+        raise UserError("--checkpoint-every needs --checkpoint-dir")
+    if args.resume == AUTO and args.checkpoint_dir is None:
+        raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
+    return {
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_every": args.checkpoint_every,
+        "keep_last": args.keep_last,
+    }
