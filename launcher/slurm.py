@@ -350,6 +350,14 @@ def render_sbatch(plan: BatchPlan, job: SlurmJob, script: str, script_args: Sequ
 def _slurm(argv: Sequence[str], timeout: float = 60.0, cwd: str | None = None):
     from launcher.run import capture_command
 
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):
+        # Slurm's clients would retry for 60 s before saying so.
+        raise SlurmError(
+            f"SLURM_CONF={conf} does not exist: point it at your cluster's slurm.conf (or unset it), or run "
+            "`slurm/local-cluster.sh up` and the `export SLURM_CONF=...` line it prints"
+        )
+
     result = capture_command(argv, cwd=cwd, timeout=timeout)
     if result.returncode == 127:
         raise SlurmError(
@@ -398,9 +406,12 @@ def submit(script_text: str, plan: BatchPlan, job: SlurmJob) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "plan.json", plan.to_json())
     script_path = write_text_atomic(run_dir / "job.sbatch", script_text, mode=0o755)
-    result = _slurm(["sbatch", "--parsable", str(script_path)], cwd=job.workdir)
-    if result.returncode != 0:
-        raise SlurmError(explain_sbatch_error(result.stderr, job))
+    # --test-only first: without EnforcePartLimits (Slurm's default) sbatch accepts a job that
+    # asks for more nodes or CPUs than the partition has, and it then pends forever.
+    for argv in (["sbatch", "--test-only", str(script_path)], ["sbatch", "--parsable", str(script_path)]):
+        result = _slurm(argv, cwd=job.workdir)
+        if result.returncode != 0:
+            raise SlurmError(explain_sbatch_error(result.stderr, job))
     job_id = result.stdout.strip().split(";")[0]
     if not _JOB_ID.fullmatch(job_id):
         raise SlurmError(f"sbatch answered {result.stdout.strip()!r}, not a job id; stderr: {_clean(result.stderr)}")
@@ -471,9 +482,12 @@ def cancel(job_id: str, signal_name: str | None = None) -> None:
         if not re.fullmatch(r"[A-Z0-9]+", signal_name):
             raise SlurmError(f"signal {signal_name!r} is not a signal name like USR1 or TERM")
         argv += [f"--signal={signal_name}", "--batch"]
-    result = _slurm([*argv, job_id], timeout=30)
-    if result.returncode != 0 or result.stderr.strip():
-        raise SlurmError(f"scancel {job_id} failed: {_clean(result.stderr)}")
+    job_info(job_id)  # an unknown job is an error (scancel alone says nothing and exits 0)
+    # --verbose: scancel reports refusals only then, still with exit status 0.
+    result = _slurm([argv[0], "--verbose", *argv[1:], job_id], timeout=30)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    if result.returncode != 0 or errors:
+        raise SlurmError(f"scancel {job_id} failed: {_clean(chr(10).join(errors) or result.stderr)}")
 
 
 def requeue_current_job(environ: Mapping[str, str] | None = None) -> bool:

@@ -1,0 +1,335 @@
+"""Real Slurm jobs on the local cluster (slurm/local-cluster.sh up --nodes 2): training under
+srun tasks and torchrun per node matches the single-process reference, pre-emption by USR1
+checkpoints, requeues and resumes to the same weights, status/cancel, clear submit errors,
+the rendezvous preflight, and the cluster script's own lifecycle.
+
+Slurm missing is a failure, not a skip: `make os-deps` installs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
+PLAN_FLAGS = ["--global-batch-size", "8", "--micro-batch-size", "2"]  # accumulation 2 at world 2
+STEPS = 4
+TOLERANCE = 1e-5
+
+
+def cluster_up(nodes: int, env: dict[str, str] | None = None) -> str:
+    """Start (or keep) the cluster; its SLURM_CONF, from the last line `up` prints."""
+    for tool in ("sbatch", "srun", "slurmctld", "munged"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            pytest.fail(f"{tool} is missing: install Slurm and munge (make os-deps)")
+    r = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up", "--nodes", str(nodes)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
+    lines = r.stdout.strip().splitlines()
+    m = re.fullmatch(r"export SLURM_CONF=(\S+)", lines[-1]) if lines else None
+    assert r.returncode == 0 and m, f"local Slurm cluster did not come up:\n{r.stdout}\n{r.stderr}"
+    return m[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """The shared two-node cluster, left running for other test files and sessions."""
+    return {"SLURM_CONF": cluster_up(2), "OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def reference_state(steps: int):
+    """The single-process reference: one whole global batch per step."""
+    from launcher import BatchPlan
+    from trainers import ReferenceTrainer, load_task
+
+    trainer = ReferenceTrainer.from_task(load_task("trainers.example:task"), BatchPlan.solve(8, world_size=1))
+    trainer.train(steps)
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+def assert_matches(state_path: Path, expected=None, tolerance: float = TOLERANCE) -> dict:
+    import torch
+
+    from trainers.verify import compare_states
+
+    got = torch.load(state_path, map_location="cpu", weights_only=True)
+    cmp = compare_states(reference_state(STEPS) if expected is None else expected, got)
+    assert cmp["max_rel_diff"] <= tolerance and not cmp["non_float_mismatch"], cmp
+    return cmp
+
+
+def submit(
+    slurm_env, run_dir: Path, *flags: str, script=("examples/train.py",), wait=True, plan=PLAN_FLAGS, timeout=240
+):
+    args = ["slurm", "submit", *plan, "--run-dir", str(run_dir), *flags]
+    args += ["--wait"] if wait else []
+    return run_cli(*args, "--", *script, timeout=timeout, env=slurm_env)
+
+
+def job_output(run_dir: Path, job_id: str) -> str:
+    path = run_dir / f"slurm-{job_id}.out"
+    return path.read_text() if path.exists() else "(no output yet)"
+
+
+def job_id_of(r) -> str:
+    assert r.stdout.strip(), f"no job id on stdout:\n{r.stderr}"
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), r.stdout
+    return job_id
+
+
+def train_args(run_dir: Path) -> tuple[str, ...]:
+    return ("examples/train.py", "--steps", str(STEPS), "--output", str(run_dir / "final.pt"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, tmp_path_factory):
+    """A 2-task job (one srun task per process) training the example; its run directory."""
+    run_dir = tmp_path_factory.mktemp("slurm-2task")
+    r = submit(slurm_env, run_dir, "--nproc-per-node", "2", script=train_args(run_dir))
+    job_id = job_id_of(r)
+    assert r.returncode == 0, f"{r.stderr}\n{job_output(run_dir, job_id)}"
+    return run_dir, job_id
+
+
+@pytest.mark.timeout(300)
+def test_two_task_job_matches_reference(uninterrupted):
+    run_dir, job_id = uninterrupted
+    out = job_output(run_dir, job_id)
+    assert "DDP gloo on 2 process(es) (slurm)" in out, out
+    assert (run_dir / "job.sbatch").exists() and (run_dir / "job_id").read_text().strip() == job_id
+    assert json.loads((run_dir / "plan.json").read_text())["gradient_accumulation_steps"] == 2
+    assert_matches(run_dir / "final.pt")
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_per_node_one_node_two_processes(slurm_env, tmp_path):
+    r = submit(slurm_env, tmp_path, "--launch", "torchrun", "--nproc-per-node", "2", script=train_args(tmp_path))
+    job_id = job_id_of(r)
+    out = job_output(tmp_path, job_id)
+    assert r.returncode == 0, f"{r.stderr}\n{out}"
+    assert "DDP gloo on 2 process(es) (torchrun)" in out, out
+    assert_matches(tmp_path / "final.pt")
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_torchrun_and_srun_match_reference(slurm_env, tmp_path):
+    """n1 and n2 share this machine: only NodeAddr (127.0.0.1) makes the master reachable."""
+    runs = {}
+    for launch in ("torchrun", "srun"):
+        run_dir = tmp_path / launch
+        flags = ("--launch", launch, "--nodes", "2", "--nproc-per-node", "1")
+        r = submit(slurm_env, run_dir, *flags, script=train_args(run_dir), wait=False)
+        assert r.returncode == 0, r.stderr
+        runs[launch] = (run_dir, job_id_of(r))
+    for launch, (run_dir, job_id) in runs.items():
+        r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 240
+        while not json.loads(r.stdout)["final"] and time.monotonic() < deadline:
+            time.sleep(1)
+            r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
+        status = json.loads(r.stdout)
+        out = job_output(run_dir, job_id)
+        assert status["state"] == "COMPLETED", f"{launch}: {status}\n{out}"
+        assert status["nodes"] == "n[1-2]", status
+        assert f"DDP gloo on 2 process(es) ({'torchrun' if launch == 'torchrun' else 'slurm'})" in out, out
+        assert "gradaccum preflight [n2]" in out and "gradaccum preflight [n1]" in out, out
+        assert_matches(run_dir / "final.pt")
+
+
+@pytest.mark.timeout(360)
+def test_preemption_checkpoints_requeues_and_resumes(slurm_env, tmp_path, uninterrupted):
+    ckpt = tmp_path / "ckpt"
+    script = ("tests/scripts/slurm_train.py", "--steps", str(STEPS), "--step-delay", "1.5")
+    script += ("--output", str(tmp_path / "final.pt"), "--checkpoint-dir", str(ckpt))
+    r = submit(slurm_env, tmp_path, "--nproc-per-node", "2", script=script, wait=False)
+    assert r.returncode == 0, r.stderr
+    job_id = job_id_of(r)
+    deadline = time.monotonic() + 180
+    while not re.search(r"^step 1 ", job_output(tmp_path, job_id), re.M):
+        assert time.monotonic() < deadline, f"no step 1 within 180 s:\n{job_output(tmp_path, job_id)}"
+        time.sleep(0.2)
+    signal = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True, env={**os.environ, **slurm_env}
+    )
+    assert signal.returncode == 0, signal.stderr
+    from launcher.slurm import wait_for_job
+
+    os.environ["SLURM_CONF"] = slurm_env["SLURM_CONF"]
+    record = wait_for_job(job_id, poll_s=0.5, timeout_s=240)
+    out = job_output(tmp_path, job_id)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{out}"
+    assert "gradaccum: SIGUSR1 received, forwarding it to the workers" in out, out
+    saved = (ckpt / "preempted-0").read_text().strip()
+    assert re.fullmatch(r"step_0000000[1-3]", saved), saved
+    assert f"resumed from {saved} at step {int(saved[-1])} (restart 1)" in out, out
+    assert (tmp_path / "restart-count").read_text().strip() == "1"
+    assert "restart 0" in out and "restart 1" in out  # --open-mode=append kept the first run's output
+    assert_matches(tmp_path / "final.pt")
+    # The same weights as the run that was never interrupted (same plan, same world).
+    import torch
+
+    assert_matches(tmp_path / "final.pt", torch.load(uninterrupted[0] / "final.pt", weights_only=True), 1e-7)
+
+
+def _sleeper(slurm_env, run_dir: Path) -> str:
+    """Submit tests/scripts/slurm_sleep.py; its job id once it is asleep (its handlers installed)."""
+    flags = ("--nproc-per-node", "1", "--global-batch-size", "1", "--run-dir", str(run_dir))
+    r = run_cli("slurm", "submit", *flags, "--", "tests/scripts/slurm_sleep.py", env=slurm_env)
+    assert r.returncode == 0, r.stderr
+    job_id = job_id_of(r)
+    deadline = time.monotonic() + 60
+    while "sleeping" not in job_output(run_dir, job_id):
+        assert time.monotonic() < deadline, job_output(run_dir, job_id)
+        time.sleep(0.2)
+    return job_id
+
+
+def _wait_final(slurm_env, job_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        if status["final"] or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(180)
+def test_status_and_cancel_a_running_job(slurm_env, tmp_path):
+    job_id = _sleeper(slurm_env, tmp_path)
+    status = json.loads(run_cli("slurm", "status", job_id, "--json", env=slurm_env).stdout)
+    assert status["job_id"] == job_id and status["state"] == "RUNNING" and not status["final"], status
+    assert status["stdout"] == str(tmp_path / f"slurm-{job_id}.out")
+    r = run_cli("slurm", "cancel", job_id, env=slurm_env)
+    assert r.returncode == 0, r.stderr
+    status = _wait_final(slurm_env, job_id)
+    assert status["state"] == "CANCELLED", status
+    r = run_cli("slurm", "status", job_id, env=slurm_env)
+    assert r.returncode == 0 and "CANCELLED" in r.stdout
+    r = run_cli("slurm", "cancel", "999999", env=slurm_env)
+    assert r.returncode == 2 and "Slurm knows no job 999999" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_term_to_the_batch_script_reaches_the_workers(slurm_env, tmp_path):
+    job_id = _sleeper(slurm_env, tmp_path)
+    r = subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env={**os.environ, **slurm_env})
+    assert r.returncode == 0
+    status = _wait_final(slurm_env, job_id)
+    out = job_output(tmp_path, job_id)
+    assert "gradaccum: SIGTERM received, forwarding it to the workers" in out, out
+    assert "got SIGTERM" in out, out
+    assert status["state"] == "COMPLETED", (status, out)  # the worker exited 0 after its handler ran
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (("--partition", "nosuch", "--nproc-per-node", "1"), ["Slurm rejected the job", "partitions here: debug"]),
+        (("--nodes", "5", "--nproc-per-node", "1"), ["Slurm rejected the job", "5 node(s)", "debug: 2 node(s)"]),
+    ],
+)
+def test_submit_errors_are_clear(slurm_env, tmp_path, flags, expected):
+    r = submit(slurm_env, tmp_path, *flags, wait=False, plan=("--global-batch-size", "10", "--micro-batch-size", "2"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    for text in expected:
+        assert text in r.stderr, r.stderr
+    assert not (tmp_path / "job_id").exists()
+
+
+def test_submit_without_slurm_is_a_clear_error(tmp_path):
+    env = {"PATH": str(Path(os.sys.executable).parent) + ":/nonexistent"}
+    r = run_cli("slurm", "submit", "--nproc-per-node", "1", "--global-batch-size", "1", "--run-dir", str(tmp_path),
+                "--", "tests/scripts/slurm_sleep.py", env=env)  # fmt: skip
+    assert r.returncode == 2 and "Slurm is not installed here" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_preflight_fails_fast_when_the_master_port_is_taken(slurm_env, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**slurm_env, "GRADACCUM_MASTER_PORT": str(port)}
+        r = submit(env, tmp_path, "--nproc-per-node", "1", script=train_args(tmp_path))
+    job_id = job_id_of(r)
+    out = job_output(tmp_path, job_id)
+    assert r.returncode == 2, f"{r.stderr}\n{out}"
+    assert f"port {port} is already in use on the master node" in out, out
+    assert not (tmp_path / "final.pt").exists()
+
+
+def _free_port_run(count: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        if base + count < 65536 and all(_bindable(base + i) for i in range(count + 1)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.timeout(240)
+def test_local_cluster_script_lifecycle(tmp_path):
+    """A second, private cluster: up is idempotent, --nodes reshapes it, down stops exactly its daemons."""
+    state = tmp_path / "cluster"
+    env = {"GRADACCUM_SLURM_DIR": str(state), "GRADACCUM_SLURM_PORT": str(_free_port_run(3))}
+    script = ["bash", str(CLUSTER_SCRIPT)]
+
+    def sh(*args, check=True):
+        r = subprocess.run([*script, *args], capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+        assert not check or r.returncode == 0, (args, r.stdout, r.stderr)
+        return r
+
+    try:
+        conf = cluster_up(1, env)
+        assert conf == f"{state}/etc/slurm.conf"
+        pids = {p.name: p.read_text().strip() for p in (state / "run").glob("*.pid")}
+        assert set(pids) == {"munged.pid", "slurmctld.pid", "slurmd.n1.pid"}
+        again = sh("up")
+        assert again.stdout.strip().splitlines()[-1] == f"export SLURM_CONF={conf}"
+        assert "already up" in again.stderr
+        assert {p.name: p.read_text().strip() for p in (state / "run").glob("*.pid")} == pids  # not restarted
+        assert "n1" in sh("status").stdout
+        assert cluster_up(2, env) == conf
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                               env={**os.environ, "SLURM_CONF": conf}).stdout.split("\n")  # fmt: skip
+        assert sorted(n for n in nodes if n) == ["n1 idle", "n2 idle"]
+        pids = [p.read_text().strip() for p in (state / "run").glob("*.pid")]
+        assert len(pids) == 4
+    finally:
+        sh("down", check=False)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "slurm" not in Path(f"/proc/{pid}/comm").read_text()
+    assert sh("status", check=False).returncode == 3
+    assert sh("up", "--nodes", "0", check=False).returncode != 0
