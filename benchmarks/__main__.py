@@ -1,0 +1,232 @@
+"""`python -m benchmarks [--quick] [--only NAME[,NAME]] [--out DIR] [--gpu]`
+
+Runs the benchmarks, prints the table of ratios, writes DIR/results.json (raw figures,
+summaries, targets), DIR/table.md and DIR/*.png, and exits 1 when a target is missed or
+a benchmark failed (2 for bad flags, or --gpu without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks import comm, launch, memory, microbatch, overhead, peers
+from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso
+from launcher.atomic import write_json_atomic, write_text_atomic
+from launcher.run import describe_status, run_local_workers
+
+NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+
+FULL = {
+    "training": {"reps": 7, "warmup": 2, "steps": 6, "micro": 4, "k": 4},
+    "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "reps": 5, "warmup": 1, "steps": 4},
+    "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "reps": 5, "warmup": 1, "steps": 3},
+    "microbatch_trial_sizes": None,  # autobatch's defaults
+    "memory": {"ks": [1, 2, 4, 8, 16], "micro": 64, "reps": 2},
+    "launch": {"reps": 5, "first_step_reps": 3},
+    "timeout_s": 540,
+}
+QUICK = {
+    "training": {"reps": 2, "warmup": 1, "steps": 1, "micro": 2, "k": 2},
+    "comm": {"workload": "mlp", "micro": 2, "ks": [1, 2], "count_steps": 1, "reps": 2, "warmup": 1, "steps": 1},
+    "microbatch": {"global_batch": 8, "sizes": [1, 2, 4], "reps": 2, "warmup": 1, "steps": 1},
+    "microbatch_trial_sizes": [1, 2],
+    "memory": {"ks": [1, 2], "micro": 4, "reps": 1},
+    "launch": {"reps": 1, "first_step_reps": 0},  # 0: six torch imports saved; the full run does it
+    "timeout_s": 240,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one or two repetitions: checks that it all runs")
+    p.add_argument("--only", metavar="NAME[,NAME]", help=f"run only these: {', '.join(NAMES)}")
+    p.add_argument(
+        "--out", metavar="DIR", help=f"where results go (default {DEFAULT_OUT.relative_to(REPO)}/, or quick/ in it)"
+    )
+    p.add_argument("--gpu", action="store_true", help="the GPU benchmark alone (needs CUDA)")
+    args = p.parse_args(argv)
+    if args.only:
+        args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in args.only if n not in NAMES]
+        if unknown:
+            p.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    args.out = Path(args.out) if args.out else DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
+    return args
+
+
+def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[str], quick: bool) -> dict[str, Any]:
+    t = cfg["training"]
+    spec = {"micro": t["micro"], "k": t["k"]}
+    workloads: dict[str, Any] = {}
+    if "overhead" in selected:
+        workloads["mlp"] = {**spec, "contenders": ["ours", "hand"]}
+        workloads["lm"] = {**spec, "contenders": ["ours", "hand"]}
+    if "peers" in selected and peer_list:
+        workloads.setdefault("mlp", {**spec, "contenders": ["ours", "hand"]})["contenders"] += peer_list
+        if not quick:  # the LM through the peers, with the loss they scale (per-micro-batch mean / K)
+            workloads["lm-mean"] = {**spec, "contenders": ["ours", "hand", *peer_list]}
+    return {"workloads": workloads, "reps": t["reps"], "warmup": t["warmup"], "steps": t["steps"]}
+
+
+def run_distributed(jobs: dict[str, Any], quick: bool, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gradaccum-bench-") as tmp:
+        cfg_path, raw_path = Path(tmp) / "config.json", Path(tmp) / "raw.json"
+        cfg_path.write_text(json.dumps({"jobs": jobs, "quick": quick, "threads": 1}))
+        argv = [sys.executable, "-m", "benchmarks.dist_worker", "--config", str(cfg_path), "--output", str(raw_path)]
+        # gradaccum's own `local` launcher: torchrun's variables without torchrun's agent process
+        # (one torch import less); a rank that fails stops the other.
+        status = run_local_workers(argv, 2, "127.0.0.1", free_port(), env=child_env(OMP_NUM_THREADS="1"), cwd=REPO)
+        if status != 0:
+            raise RuntimeError(f"the benchmark workers failed ({describe_status(status)}); their stderr is above")
+        return json.loads(raw_path.read_text())
+
+
+def error_entry(name: str, exc: BaseException) -> tuple[dict[str, Any], list[Target]]:
+    log(f"benchmarks: {name} failed:\n{''.join(traceback.format_exception(exc))[-3000:]}")
+    return {"error": f"{type(exc).__name__}: {exc}"}, [Target(f"{name}: ran", None, 1, ">=", "the benchmark finished")]
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = QUICK if args.quick else FULL
+    selected = args.only or list(NAMES)
+    peer_list, peers_missing = peers.available()
+    benchmarks: dict[str, Any] = {}
+    targets: list[Target] = []
+
+    def record(name: str, fn: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            result, tgts = fn()
+        except Exception as e:  # noqa: BLE001 - one benchmark failing must not hide the others
+            result, tgts = error_entry(name, e)
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        benchmarks[name], _ = result, targets.extend(tgts)
+        log(f"benchmarks: {name} finished in {result['wall_s']} s")
+
+    jobs: dict[str, Any] = {}
+    if "overhead" in selected or ("peers" in selected and peer_list):
+        jobs["training"] = training_config(cfg, selected, peer_list, args.quick)
+    if "comm" in selected:
+        jobs["comm"] = cfg["comm"]
+    if "microbatch" in selected:
+        jobs["microbatch"] = cfg["microbatch"]
+    raw: dict[str, Any] = {}
+    if jobs:
+        log(f"benchmarks: one launch of 2 processes (gloo) for: {', '.join(jobs)}")
+        t0 = time.perf_counter()
+        try:
+            raw = run_distributed(jobs, args.quick, cfg["timeout_s"])
+        except Exception as e:  # noqa: BLE001
+            raw = {"error": e}
+        dist_s = time.perf_counter() - t0
+
+    def from_raw(job: str, summarize: Any) -> Any:
+        def fn() -> Any:
+            if "error" in raw:
+                raise raw["error"]
+            return summarize(raw[job])
+
+        return fn
+
+    if "overhead" in selected:
+        record("overhead", from_raw("training", overhead.summarize))
+    if "peers" in selected:
+        if peer_list:
+            record("peers", from_raw("training", lambda r: peers.summarize(r, peers_missing)))
+        else:
+            benchmarks["peers"] = {"skipped": peers_missing, "workloads": {}}
+            log(f"benchmarks: peers skipped: {'; '.join(peers_missing.values())}")
+    if "comm" in selected:
+        record("comm", from_raw("comm", comm.summarize))
+    if jobs:
+        log(f"benchmarks: distributed part took {dist_s:.1f} s")
+    if "microbatch" in selected:
+        gb = cfg["microbatch"]["global_batch"]
+        trial = cfg["microbatch_trial_sizes"]
+        record(
+            "microbatch",
+            lambda: from_raw(
+                "microbatch", lambda r: microbatch.summarize(r, microbatch.auto_choice(gb, 2, trial and tuple(trial)))
+            )(),
+        )
+    if "memory" in selected:
+        record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
+    if "launch" in selected:
+        record("launch", lambda: launch.summarize(launch.run(cfg["launch"])))
+    return {"benchmarks": benchmarks, "targets": targets, "config": cfg, "selected": selected}
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
+    import torch
+
+    from benchmarks import gpu
+
+    if not torch.cuda.is_available():
+        print(
+            "python -m benchmarks --gpu: no CUDA device here (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch "
+            "(make test TORCH_SPEC=torch installs one). The CPU benchmarks: python -m benchmarks",
+            file=sys.stderr,
+        )
+        return None
+    cfg = {"micro": 16, "k": 4, "reps": 7, "warmup": 3, "steps": 10}
+    if args.quick:
+        cfg = {"micro": 4, "k": 2, "reps": 2, "warmup": 1, "steps": 2}
+    result, targets = gpu.summarize(gpu.run(cfg))
+    return {"benchmarks": {"gpu": result}, "targets": targets, "config": cfg, "selected": ["gpu"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    started = now_iso()
+    t0 = time.perf_counter()
+    info = machine()
+    body = run_gpu(args) if args.gpu else run_cpu(args)
+    if body is None:
+        return 2
+    targets = body.pop("targets")
+    results = {
+        "schema": 1,
+        "command": command,
+        "date": started,
+        "quick": args.quick,
+        "machine": info,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **body,
+        "targets": [t.to_dict() for t in targets],
+        "passed": all(t.passed for t in targets),
+    }
+    from benchmarks.report import markdown, plots
+
+    table = markdown(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        results["plots"] = plots(results, args.out)
+    except Exception as e:  # noqa: BLE001 - the figures matter more than the pictures
+        log(f"benchmarks: plotting failed: {e!r}")
+        results["plots"] = []
+    write_json_atomic(args.out / "results.json", results)
+    header = f"`{command}` — {started}, {info['cpu_count']} × {info['cpu_model']}, load {info['load_average_at_start'][0]:.1f}\n\n"
+    write_text_atomic(args.out / "table.md", header + table)
+    print(table)
+    missed = [t.name for t in targets if not t.passed]
+    log(
+        f"benchmarks: {len(targets) - len(missed)}/{len(targets)} targets met in {results['wall_s']:.0f} s; results in {args.out}"
+    )
+    if missed:
+        log("benchmarks: missed: " + "; ".join(missed))
+    return 0 if not missed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

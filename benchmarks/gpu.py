@@ -1,0 +1,136 @@
+"""Benchmark 6 (`python -m benchmarks --gpu`): ours vs the hand loop on one NVIDIA GPU.
+
+The example LM scaled up (6 layers, d_model 384, 256-token blocks, ~10M parameters), bf16
+autocast around forward and loss in both contenders, AdamW, clipping, micro 16, K 4.
+Ours is `DDPTrainer` (world 1, NCCL); the hand loop is nanoGPT's single-GPU loop (no DDP
+wrapper, as nanoGPT runs on one GPU). Same data in the same order, interleaved blocks,
+CUDA synchronised before every clock read. Target: ours >= 0.98x the hand loop's tokens/s.
+Refuses (exit 2) without CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+from benchmarks.common import Target, paired_ratios, rotated, summary
+
+NAME = "gpu"
+TARGET = 0.98
+
+
+def gpu_task(device_type: str) -> Any:
+    import torch
+
+    from trainers.example import TinyGPT, count_targets, pad_collate, text_sequences, token_loss_sum
+    from trainers.task import Task
+
+    def loss(model: Any, batch: Any) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return token_loss_sum(model, batch)
+
+    return Task(
+        partial(TinyGPT, block_size=256, n_layer=6, n_head=6, d_model=384),
+        text_sequences(min_len=129, max_len=257),
+        loss,
+        partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1),
+        pad_collate,
+        count=count_targets,
+        clip_grad_norm=1.0,
+        name="example LM, 6 layers, d_model 384, bf16 autocast",
+    )
+
+
+class _HandLoop:
+    """nanoGPT on one GPU: no wrapper, (sum, count) loss scaled by the step's token count."""
+
+    def __init__(self, task: Any, plan: Any, device: Any) -> None:
+        import torch
+
+        from benchmarks.contenders import DataFeed
+
+        torch.manual_seed(task.seed)
+        self.task, self.device = task, device
+        self.model = task.model().to(device)
+        self.optimizer = task.optimizer(self.model.parameters())
+        self.feed = DataFeed(task, plan, 0)
+
+    def train_steps(self, n: int) -> None:
+        import torch
+
+        for _ in range(n):
+            micro = self.feed.next_step()
+            scale = 1.0 / float(sum(self.task.count(b) for b in micro))
+            for b in micro:
+                b = tuple(t.to(self.device, non_blocking=True) for t in b)
+                (self.task.loss(self.model, b)[0] * scale).backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.task.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class _Ours:
+    def __init__(self, task: Any, plan: Any) -> None:
+        from trainers import DDPTrainer
+
+        self.trainer = DDPTrainer.from_task(task, plan, shuffle=False, drop_last=True, log=False)
+
+    def train_steps(self, n: int) -> None:
+        self.trainer.train(n)
+
+
+def run(cfg: dict[str, Any], device_type: str = "cuda") -> dict[str, Any]:
+    """Interleaved blocks of ours and the hand loop; tokens/s of each block."""
+    import torch
+
+    from benchmarks.contenders import DataFeed
+    from benchmarks.workloads import plan_for
+
+    device = torch.device(device_type)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    task = gpu_task(device_type)
+    plan = plan_for(cfg["micro"], cfg["k"], 1)
+    contenders = {"ours": _Ours(task, plan), "hand": _HandLoop(task, plan, device)}
+    # Both read the same global batches in the same order: a block's tokens are the same for
+    # both, counted once per repetition from a feed of our own.
+    counter = DataFeed(task, plan, 0)
+    tokens_per_s: dict[str, list[float]] = {"ours": [], "hand": []}
+    for rep in range(cfg["reps"]):
+        block_tokens = None
+        for name in rotated(list(contenders), rep):
+            contenders[name].train_steps(cfg["warmup"])
+            sync()
+            t0 = time.perf_counter()
+            contenders[name].train_steps(cfg["steps"])
+            sync()
+            seconds = time.perf_counter() - t0
+            if block_tokens is None:
+                for _ in range(cfg["warmup"]):
+                    counter.next_indices()
+                block_tokens = sum(
+                    len(task.dataset[i]) - 1 for _ in range(cfg["steps"]) for ix in counter.next_indices() for i in ix
+                )
+            tokens_per_s[name].append(block_tokens / seconds)
+    props = torch.cuda.get_device_properties(device) if device_type == "cuda" else None
+    return {
+        "device": props.name if props else device_type,
+        "device_memory_gib": round(props.total_memory / 2**30, 1) if props else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "task": task.name,
+        "parameters": sum(p.numel() for p in contenders["ours"].trainer.module.parameters()),
+        "plan": plan.to_dict(),
+        "tokens_per_s": tokens_per_s,
+        "reps": cfg["reps"],
+        "warmup": cfg["warmup"],
+        "steps": cfg["steps"],
+    }
+
+
+def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
+    tps = raw["tokens_per_s"]
+    ratio = paired_ratios(tps["ours"], tps["hand"])
+    result = {**raw, "tokens_per_s": {k: summary(v) for k, v in tps.items()}, "ours_over_hand": ratio}
+    target = Target("gpu: ours / hand loop tokens/s", ratio["median"], TARGET, ">=", f"{raw['device']}, bf16 autocast")
+    return result, [target]

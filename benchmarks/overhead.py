@@ -1,0 +1,97 @@
+"""Benchmark 1, trainer overhead: DDPTrainer vs a hand-written nanoGPT-style loop.
+
+Same model, data, plan and threads; 2 processes, gloo, accumulation 4; the ~5M-parameter
+MLP and the example LM. Both contenders (and, for `peers`, Accelerate and Lightning) live
+in the same processes and take turns in blocks of optimizer steps, in rotating order; the
+ratio of each repetition is ours / theirs measured back to back.
+Target: ours <= 1.02x the hand loop's time per optimizer step.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from benchmarks.common import Target, paired_ratios, summary
+
+NAME = "overhead"
+TARGET = 1.02
+#: weights may differ by round-off only: relative to the largest weight
+SAME_WEIGHTS_REL = 1e-5
+
+
+def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Rank side: every workload's contenders, interleaved; then their weights compared with ours."""
+    from benchmarks.contenders import make_contender
+    from benchmarks.workloads import build_task, max_weight_diff, parameter_count, plan_for
+
+    out: dict[str, Any] = {}
+    for workload, spec in cfg["workloads"].items():
+        task = build_task(workload, ctx.quick)
+        plan = plan_for(spec["micro"], spec["k"], ctx.world)
+        contenders = {name: make_contender(name, task, plan, ctx.rank) for name in spec["contenders"]}
+        ms = ctx.interleave(contenders, cfg["reps"], cfg["warmup"], cfg["steps"])
+        ours = contenders["ours"].module
+        weights = {}
+        for name, c in contenders.items():
+            if name != "ours":
+                abs_diff, rel_diff = max_weight_diff(c.module, ours)
+                weights[name] = {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff}
+        out[workload] = {
+            "task": task.name,
+            "parameters": parameter_count(ours),
+            "plan": plan.to_dict(),
+            "ms_per_step": ms,
+            "weights_vs_ours": weights,
+            "steps_done": {name: c.steps_done for name, c in contenders.items()},
+            "contenders": {name: c.describe() for name, c in contenders.items()},
+            "allreduce_rounds_per_step_ours": contenders["ours"].last_metrics.allreduce_rounds,
+        }
+        del contenders, ours
+        gc.collect()
+    out.update(reps=cfg["reps"], warmup=cfg["warmup"], steps=cfg["steps"])
+    return out
+
+
+def compare(raw_workload: dict[str, Any], other: str) -> dict[str, Any]:
+    ms = raw_workload["ms_per_step"]
+    return {
+        "ratio": paired_ratios(ms["ours"], ms[other]),
+        "ms_ours": summary(ms["ours"]),
+        f"ms_{other}": summary(ms[other]),
+        "weights": raw_workload["weights_vs_ours"][other],
+    }
+
+
+def weights_target(workload: str, other: str, weights: dict[str, float]) -> Target:
+    return Target(
+        f"{workload}: same weights as {other}",
+        weights["max_rel_diff"],
+        SAME_WEIGHTS_REL,
+        "<=",
+        f"max |w_ours - w_{other}| / max |w| after every timed step (round-off only)",
+    )
+
+
+def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
+    result: dict[str, Any] = {"workloads": {}}
+    targets = []
+    for workload in ("mlp", "lm"):
+        if workload not in raw or "hand" not in raw[workload]["ms_per_step"]:
+            continue
+        w = raw[workload]
+        entry = {"task": w["task"], "parameters": w["parameters"], "plan": w["plan"], **compare(w, "hand")}
+        entry["allreduce_rounds_per_step_ours"] = w["allreduce_rounds_per_step_ours"]
+        result["workloads"][workload] = entry
+        targets.append(
+            Target(
+                f"{workload}: ours / hand loop",
+                entry["ratio"]["median"],
+                TARGET,
+                "<=",
+                "time per optimizer step, median of paired repetitions",
+            )
+        )
+        targets.append(weights_target(workload, "hand", entry["weights"]))
+    result.update(reps=raw["reps"], warmup=raw["warmup"], steps=raw["steps"])
+    return result, targets
