@@ -45,7 +45,7 @@ def node_address(node: str, environ: Mapping[str, str]) -> str:
     """The node's NodeAddr from `scontrol show node` (its name when Slurm gives none)."""
     from launcher.run import capture_command
 
-    result = capture_command(["scontrol", "show", "node", "-o", node], timeout=30)
+    result = capture_command(["scontrol", "show", "node", "-o", node], env=environ, timeout=30)
     record = parse_scontrol_record(result.stdout.strip()) if result.returncode == 0 else {}
     addr = record.get("NodeAddr") or ""
     if not addr or addr == "(null)":

@@ -231,3 +231,30 @@ def test_cli_module_imports_no_torch():
     code = "import sys, launcher.cli.slurm, launcher.slurm; print('torch' in sys.modules)"
     r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(REPO))
     assert r.stdout.strip() == "False", r.stderr
+
+
+# ------------------------------------------------------- in-job helpers (launcher.slurm_job)
+def test_preflight_accepts_a_reachable_master_with_nothing_listening():
+    from launcher.slurm_job import preflight
+    from tests.conftest import free_port
+
+    port = free_port()
+    line = preflight("127.0.0.1", port, timeout_s=5, is_master=True)
+    assert "reachable (nothing listens yet)" in line and "port free" in line
+
+
+def test_preflight_rejects_a_port_in_use_and_a_name_that_does_not_resolve():
+    import socket
+
+    from launcher.slurm_job import preflight
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SlurmError, match=f"port {port} is already in use on the master node"):
+            preflight("127.0.0.1", port, timeout_s=5, is_master=True)
+        with pytest.raises(SlurmError, match="something already listens on the master's port"):
+            preflight("127.0.0.1", port, timeout_s=5, is_master=False)
+    with pytest.raises(SlurmError, match="does not resolve"):
+        preflight("no-such-host.invalid", 1234, timeout_s=10, is_master=False)

@@ -96,6 +96,30 @@ def job_id_of(r) -> str:
     return job_id
 
 
+def _sleeper(slurm_env, run_dir: Path) -> str:
+    """Submit tests/scripts/slurm_sleep.py; its job id once it is asleep (its handlers installed)."""
+    flags = ("--nproc-per-node", "1", "--global-batch-size", "1", "--run-dir", str(run_dir))
+    r = run_cli("slurm", "submit", *flags, "--", "tests/scripts/slurm_sleep.py", env=slurm_env)
+    assert r.returncode == 0, r.stderr
+    job_id = job_id_of(r)
+    deadline = time.monotonic() + 60
+    while "sleeping" not in job_output(run_dir, job_id):
+        assert time.monotonic() < deadline, job_output(run_dir, job_id)
+        time.sleep(0.2)
+    return job_id
+
+
+def _wait_final(slurm_env, job_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        if status["final"] or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
 def train_args(run_dir: Path) -> tuple[str, ...]:
     return ("examples/train.py", "--steps", str(STEPS), "--output", str(run_dir / "final.pt"))
 
@@ -120,39 +144,42 @@ def test_two_task_job_matches_reference(uninterrupted):
     assert_matches(run_dir / "final.pt")
 
 
+def run_concurrently(slurm_env, tmp_path: Path, shapes: dict[str, tuple[str, ...]]) -> dict[str, tuple]:
+    """Submit one training job per entry at once, wait for all; {name: (run_dir, status, output)}."""
+    runs = {}
+    for name, flags in shapes.items():
+        run_dir = tmp_path / name
+        r = submit(slurm_env, run_dir, *flags, script=train_args(run_dir), wait=False)
+        assert r.returncode == 0, r.stderr
+        runs[name] = (run_dir, job_id_of(r))
+    done = {}
+    for name, (run_dir, job_id) in runs.items():
+        status = _wait_final(slurm_env, job_id, timeout_s=240)
+        done[name] = (run_dir, status, job_output(run_dir, job_id))
+    return done
+
+
 @pytest.mark.timeout(300)
-def test_torchrun_per_node_one_node_two_processes(slurm_env, tmp_path):
-    r = submit(slurm_env, tmp_path, "--launch", "torchrun", "--nproc-per-node", "2", script=train_args(tmp_path))
-    job_id = job_id_of(r)
-    out = job_output(tmp_path, job_id)
-    assert r.returncode == 0, f"{r.stderr}\n{out}"
-    assert "DDP gloo on 2 process(es) (torchrun)" in out, out
-    assert_matches(tmp_path / "final.pt")
+def test_one_node_two_processes_torchrun_and_deepspeed(slurm_env, tmp_path):
+    shapes = {m: ("--launch", m, "--nproc-per-node", "2") for m in ("torchrun", "deepspeed")}
+    for name, (run_dir, status, out) in run_concurrently(slurm_env, tmp_path, shapes).items():
+        assert status["state"] == "COMPLETED", f"{name}: {status}\n{out}"
+        who = "torchrun" if name == "torchrun" else "slurm"  # DeepSpeed's slurm launcher runs srun tasks
+        assert f"DDP gloo on 2 process(es) ({who})" in out, out
+        assert_matches(run_dir / "final.pt")
+    assert (tmp_path / "deepspeed" / "deepspeed.json").exists()
 
 
 @pytest.mark.timeout(300)
 def test_two_nodes_torchrun_and_srun_match_reference(slurm_env, tmp_path):
     """n1 and n2 share this machine: only NodeAddr (127.0.0.1) makes the master reachable."""
-    runs = {}
-    for launch in ("torchrun", "srun"):
-        run_dir = tmp_path / launch
-        flags = ("--launch", launch, "--nodes", "2", "--nproc-per-node", "1")
-        r = submit(slurm_env, run_dir, *flags, script=train_args(run_dir), wait=False)
-        assert r.returncode == 0, r.stderr
-        runs[launch] = (run_dir, job_id_of(r))
-    for launch, (run_dir, job_id) in runs.items():
-        r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
-        assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 240
-        while not json.loads(r.stdout)["final"] and time.monotonic() < deadline:
-            time.sleep(1)
-            r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
-        status = json.loads(r.stdout)
-        out = job_output(run_dir, job_id)
-        assert status["state"] == "COMPLETED", f"{launch}: {status}\n{out}"
+    shapes = {m: ("--launch", m, "--nodes", "2", "--nproc-per-node", "1") for m in ("torchrun", "srun")}
+    for name, (run_dir, status, out) in run_concurrently(slurm_env, tmp_path, shapes).items():
+        assert status["state"] == "COMPLETED", f"{name}: {status}\n{out}"
         assert status["nodes"] == "n[1-2]", status
-        assert f"DDP gloo on 2 process(es) ({'torchrun' if launch == 'torchrun' else 'slurm'})" in out, out
+        assert f"DDP gloo on 2 process(es) ({'torchrun' if name == 'torchrun' else 'slurm'})" in out, out
         assert "gradaccum preflight [n2]" in out and "gradaccum preflight [n1]" in out, out
+        assert "gradaccum: master 127.0.0.1:" in out, out  # n1's NodeAddr: the name n1 does not resolve
         assert_matches(run_dir / "final.pt")
 
 
@@ -189,30 +216,6 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_env, tmp_path, uninte
     import torch
 
     assert_matches(tmp_path / "final.pt", torch.load(uninterrupted[0] / "final.pt", weights_only=True), 1e-7)
-
-
-def _sleeper(slurm_env, run_dir: Path) -> str:
-    """Submit tests/scripts/slurm_sleep.py; its job id once it is asleep (its handlers installed)."""
-    flags = ("--nproc-per-node", "1", "--global-batch-size", "1", "--run-dir", str(run_dir))
-    r = run_cli("slurm", "submit", *flags, "--", "tests/scripts/slurm_sleep.py", env=slurm_env)
-    assert r.returncode == 0, r.stderr
-    job_id = job_id_of(r)
-    deadline = time.monotonic() + 60
-    while "sleeping" not in job_output(run_dir, job_id):
-        assert time.monotonic() < deadline, job_output(run_dir, job_id)
-        time.sleep(0.2)
-    return job_id
-
-
-def _wait_final(slurm_env, job_id: str, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = run_cli("slurm", "status", job_id, "--json", env=slurm_env)
-        assert r.returncode == 0, r.stderr
-        status = json.loads(r.stdout)
-        if status["final"] or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
 
 
 @pytest.mark.timeout(180)
@@ -333,3 +336,44 @@ def test_local_cluster_script_lifecycle(tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "slurm" not in Path(f"/proc/{pid}/comm").read_text()
     assert sh("status", check=False).returncode == 3
     assert sh("up", "--nodes", "0", check=False).returncode != 0
+
+
+def test_master_is_the_first_nodes_node_addr_and_hostfile_lists_the_job_nodes(slurm_env, tmp_path):
+    from launcher.env import SLURM_PORT_BASE
+    from launcher.slurm_job import master
+
+    environ = {**os.environ, **slurm_env, "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n1"}
+    addr, port = master(environ)
+    assert addr == "127.0.0.1"  # NodeAddr of n1 in slurm.conf; `n1` itself does not resolve
+    assert SLURM_PORT_BASE + 7 <= port < SLURM_PORT_BASE + 7 + 64
+    r = subprocess.run(
+        [os.sys.executable, "-m", "launcher.slurm_job", "hostfile", "--slots", "2", "--output", str(tmp_path / "h")],
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "h").read_text() == "n1 slots=2\nn2 slots=2\n"
+
+
+@pytest.mark.timeout(120)
+def test_mpirun_inside_sbatch_takes_ranks_from_mpi_not_slurm(slurm_env, tmp_path):
+    """mpirun in a batch step leaves SLURM_PROCID=0 in every rank: launcher.env must prefer OMPI_*."""
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun is missing: install OpenMPI (make os-deps)")
+    gradaccum = str(Path(os.sys.executable).parent / "gradaccum")
+    wrap = (
+        f"mpirun --allow-run-as-root --oversubscribe -np 2 sh -c "
+        f"'{gradaccum} env --json > {tmp_path}/env-$OMPI_COMM_WORLD_RANK.json'"
+    )
+    r = subprocess.run(
+        ["sbatch", "--wait", "--ntasks=2", "--nodes=1", f"--output={tmp_path}/out", "--wrap", wrap],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, **slurm_env},
+    )
+    assert r.returncode == 0, (r.stderr, (tmp_path / "out").read_text() if (tmp_path / "out").exists() else "")
+    seen = [json.loads((tmp_path / f"env-{i}.json").read_text()) for i in range(2)]
+    assert [(s["launcher"], s["rank"], s["world_size"]) for s in seen] == [("openmpi", 0, 2), ("openmpi", 1, 2)]
+    assert seen[0]["hosts"] == ["n1"]
