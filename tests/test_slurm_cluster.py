@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
 PLAN_FLAGS = ["--global-batch-size", "8", "--micro-batch-size", "2"]  # accumulation 2 at world 2
-STEPS = 4
+STEPS = 6
 TOLERANCE = 1e-5
 
 
@@ -51,7 +52,7 @@ def cluster_up(nodes: int, env: dict[str, str] | None = None) -> str:
 @pytest.fixture(scope="session")
 def slurm_env():
     """The shared two-node cluster, left running for other test files and sessions."""
-    return {"SLURM_CONF": cluster_up(2), "OMP_NUM_THREADS": "1"}
+    return {"SLURM_CONF": cluster_up(2), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # tests.scripts.*
 
 
 @functools.cache
@@ -121,7 +122,11 @@ def _wait_final(slurm_env, job_id: str, timeout_s: float = 60) -> dict:
 
 
 def train_args(run_dir: Path) -> tuple[str, ...]:
-    return ("examples/train.py", "--steps", str(STEPS), "--output", str(run_dir / "final.pt"))
+    """examples/train.py on the example task (slowed down by GRADACCUM_TEST_MICRO_STEP_DELAY), restartable."""
+    return (
+        "examples/train.py", "--task", "tests.scripts.slow_task:task", "--steps", str(STEPS),
+        "--output", str(run_dir / "final.pt"), "--checkpoint-dir", str(run_dir / "ckpt"), "--resume", "auto",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -185,37 +190,54 @@ def test_two_nodes_torchrun_and_srun_match_reference(slurm_env, tmp_path):
 
 @pytest.mark.timeout(360)
 def test_preemption_checkpoints_requeues_and_resumes(slurm_env, tmp_path, uninterrupted):
-    ckpt = tmp_path / "ckpt"
-    script = ("tests/scripts/slurm_train.py", "--steps", str(STEPS), "--step-delay", "1.5")
-    script += ("--output", str(tmp_path / "final.pt"), "--checkpoint-dir", str(ckpt))
-    r = submit(slurm_env, tmp_path, "--nproc-per-node", "2", script=script, wait=False)
+    """USR1 to the batch script -> forwarded -> checkpoint after an agreed step -> requeue -> resume."""
+    env = {**slurm_env, "GRADACCUM_TEST_MICRO_STEP_DELAY": "0.25"}  # about 0.5 s a step: time to signal
+    r = submit(env, tmp_path, "--nproc-per-node", "2", script=train_args(tmp_path), wait=False)
     assert r.returncode == 0, r.stderr
     job_id = job_id_of(r)
     deadline = time.monotonic() + 180
     while not re.search(r"^step 1 ", job_output(tmp_path, job_id), re.M):
         assert time.monotonic() < deadline, f"no step 1 within 180 s:\n{job_output(tmp_path, job_id)}"
-        time.sleep(0.2)
+        time.sleep(0.1)
     signal = subprocess.run(
-        ["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True, env={**os.environ, **slurm_env}
+        ["scancel", "--signal=USR1", "--batch", job_id], capture_output=True, text=True, env={**os.environ, **env}
     )
     assert signal.returncode == 0, signal.stderr
-    from launcher.slurm import wait_for_job
-
-    os.environ["SLURM_CONF"] = slurm_env["SLURM_CONF"]
-    record = wait_for_job(job_id, poll_s=0.5, timeout_s=240)
+    status = _wait_final(slurm_env, job_id, timeout_s=240)
     out = job_output(tmp_path, job_id)
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{out}"
+    assert status["state"] == "COMPLETED" and status["restarts"] == 1, f"{status}\n{out}"
     assert "gradaccum: SIGUSR1 received, forwarding it to the workers" in out, out
-    saved = (ckpt / "preempted-0").read_text().strip()
-    assert re.fullmatch(r"step_0000000[1-3]", saved), saved
-    assert f"resumed from {saved} at step {int(saved[-1])} (restart 1)" in out, out
-    assert (tmp_path / "restart-count").read_text().strip() == "1"
-    assert "restart 0" in out and "restart 1" in out  # --open-mode=append kept the first run's output
-    assert_matches(tmp_path / "final.pt")
-    # The same weights as the run that was never interrupted (same plan, same world).
+    stopped = re.search(r"stopped after step (\d+) on request", out)
+    assert stopped and 1 <= int(stopped[1]) < STEPS, out
+    assert f"gradaccum: pre-empted: requeueing job {job_id}" in out, out
+    assert "gradaccum: job " + job_id + " on n1, restart 1" in out, out  # --open-mode=append kept run 1 too
+    assert re.search(rf"resumed from \S*step_0*{stopped[1]} at step {stopped[1]}", out), out
+    # The same weights as the run that was never interrupted (same plan, same world), and the reference.
     import torch
 
     assert_matches(tmp_path / "final.pt", torch.load(uninterrupted[0] / "final.pt", weights_only=True), 1e-7)
+    assert_matches(tmp_path / "final.pt")
+
+
+@pytest.mark.timeout(120)
+def test_requeue_current_job_from_rank_0(slurm_env, tmp_path):
+    """launcher.slurm.requeue_current_job(), as a trainer's rank 0 calls it: same job id, restart count 1."""
+    code = (
+        "import os, time; from launcher.slurm import requeue_current_job; "
+        "n = os.environ.get('SLURM_RESTART_COUNT', '0'); print('restart', n, flush=True); "
+        "n == '0' and requeue_current_job() and time.sleep(60)"
+    )
+    r = subprocess.run(
+        ["sbatch", "--parsable", "--requeue", "--open-mode=append", f"--output={tmp_path}/out",
+         f"--wrap={os.sys.executable} -c {shlex.quote(code)}"],
+        capture_output=True, text=True, env={**os.environ, **slurm_env},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    status = _wait_final(slurm_env, job_id, timeout_s=100)
+    out = (tmp_path / "out").read_text()
+    assert status["state"] == "COMPLETED" and status["restarts"] == 1, (status, out)
+    assert "restart 0" in out and "restart 1" in out, out
 
 
 @pytest.mark.timeout(180)
