@@ -123,7 +123,11 @@ def slurm_env():
     if shutil.which("srun") is None:
         pytest.fail("srun is missing: install slurm-wlm and munge (make os-deps)")
     r = subprocess.run(
-        ["bash", str(REPO / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True, timeout=180
+        # --nodes 2: the shape tests/test_slurm_cluster.py needs, so no test restarts the cluster
+        ["bash", str(REPO / "slurm" / "local-cluster.sh"), "up", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     m = re.search(r"^export SLURM_CONF=(\S+)$", r.stdout, re.M)
     assert r.returncode == 0 and m, f"local Slurm cluster did not come up:\n{r.stdout}\n{r.stderr}"
