@@ -21,6 +21,7 @@ import os
 import sys
 
 from launcher import BatchPlan, UserError
+from launcher.plan import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-accumulation-steps", type=int, metavar="K")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32, bf16 or fp16 (default: the plan's, else fp32)")
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a rank that stops answering this long ends the job, which names it (default 300)",
+    )
     p.add_argument("--output", metavar="FILE", help="rank 0 writes the final model state_dict here")
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from trainers import DDPTrainer, load_task
-    from trainers.distributed import init_distributed, shutdown
+    from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, check_collective_timeout, init_distributed, shutdown
     from trainers.resume import (
         agree_on_checkpoint,
         check_checkpoint_args,
@@ -57,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         checkpoint_kwargs = check_checkpoint_args(args)
+        timeout = check_collective_timeout(args.collective_timeout) or DEFAULT_COLLECTIVE_TIMEOUT_S
         plan = BatchPlan.from_env()
         resume_from = None
         if args.resume:
@@ -64,14 +73,21 @@ def main(argv: list[str] | None = None) -> int:
             resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
         if plan is None:
             g, m, k = args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps
-            info = init_distributed()
+            info = init_distributed(collective_timeout=timeout)
             if resume_from is not None:  # the checkpoint's global batch, re-solved for this world size
                 plan = plan_for_resume(checkpoint_plan(resume_from), info.world_size, g, m, k)
             elif g is None and m is None:
                 raise UserError("no plan: run under `gradaccum launch` or give --global-batch-size/--micro-batch-size")
             else:
                 plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
-        trainer = DDPTrainer.from_task(load_task(args.task), plan, shuffle=not args.no_shuffle, **checkpoint_kwargs)
+        trainer = DDPTrainer.from_task(
+            load_task(args.task),
+            plan,
+            precision=args.precision,
+            collective_timeout=timeout,
+            shuffle=not args.no_shuffle,
+            **checkpoint_kwargs,
+        )
         if resume_from is not None:
             trainer.resume(resume_from, lr_scaling=args.lr_scaling)
         install_stop_handlers(trainer)  # SIGUSR1/SIGTERM: checkpoint after this step, stop

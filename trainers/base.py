@@ -8,6 +8,7 @@ in-memory state for checkpoints) lives here once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from torch.utils.data import default_collate
 
 from launcher.plan import BatchPlan
 from trainers.accumulate import MEAN, AccumulationHooks, MicroBatch, StepMetrics, accumulation_step
+from trainers.precision import MixedPrecision, resolve_precision
 from trainers.sampler import GlobalBatchSampler
 
 
@@ -79,6 +81,7 @@ class BaseTrainer:
         drop_last: bool = False,
         device: torch.device | None = None,
         dp_rank: int = 0,
+        precision: str | None = None,
         log_every: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
@@ -87,7 +90,9 @@ class BaseTrainer:
         self.model = model  # what forward goes through (DDP wrapper, DeepSpeed engine, plain module)
         self.module = module  # the user's own module: its state_dict has no wrapper prefix
         self.optimizer = optimizer
-        self.plan = plan
+        self.precision = resolve_precision(plan.precision, precision)
+        # the plan records the precision: checkpoints and the cross-rank check carry it
+        self.plan = plan if plan.precision == self.precision else dataclasses.replace(plan, precision=self.precision)
         self.loss = loss
         self.dataset = dataset
         self.count = count
@@ -99,6 +104,10 @@ class BaseTrainer:
         self.log_every = log_every
         self.global_step = 0
         self._warned_unequal = False
+        self.amp: MixedPrecision | None = None  # set by trainers that run precision themselves (not DeepSpeed)
+        self.watchdog: Any = None  # a trainers.distributed.Watchdog, set by distributed trainers
+        self.skipped_steps: list[int] = []  # fp16 overflow: steps whose update was skipped (batch consumed)
+        self._preflight_done = False
         # checkpoints (trainers/resume.py): every `checkpoint_every` steps into `checkpoint_dir`
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -137,11 +146,15 @@ class BaseTrainer:
         ]
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
         self._before_step()
+        hooks = self._hooks()
+        if self.watchdog is not None:
+            step_no, watchdog = self.global_step + 1, self.watchdog.start()
+            hooks.progress = lambda micro, phase: watchdog.progress(step_no, micro, phase, k)
         metrics = accumulation_step(
             self.model,
             wrapped,
             self.loss,
-            self._hooks(),
+            hooks,
             dp_size=self.plan.data_parallel_size,
             count_fn=self.count,
             expected_micro_batch_size=self.plan.micro_batch_size,
@@ -150,11 +163,50 @@ class BaseTrainer:
         self.global_step += 1
         metrics.step, metrics.lr = self.global_step, lr
         self._after_step(metrics)
+        if self._step_was_skipped():
+            metrics.skipped = True
+            self.skipped_steps.append(metrics.step)
+            self.log(self._skip_message(metrics.step))
+        if self.watchdog is not None:
+            self.watchdog.progress(self.global_step, None, "between steps")
         if metrics.loss_mode == MEAN and metrics.unequal_micro_batches and not self._warned_unequal:
             self._warned_unequal = True
             what = " or tokens" if self.count is not None else ""
             warnings.warn(UNEQUAL_MEAN_WARNING.format(what=what), LossNormalisationWarning, stacklevel=2)
         return metrics
+
+    def _step_was_skipped(self) -> bool:
+        """Did the last optimizer step skip its update (fp16 overflow)? DeepSpeed overrides."""
+        return self.amp is not None and self.amp.last_step_skipped
+
+    def _skip_message(self, step: int) -> str:
+        if self.amp is not None:
+            return self.amp.describe_skip(step)
+        return f"gradaccum: step {step}: gradients overflowed, optimizer step skipped; its global batch is consumed"
+
+    def work_summary(self, steps: int | None) -> dict[str, Any]:
+        """What this rank is about to do; every rank must say the same (see preflight)."""
+        sampler = self.sampler.state_dict() if self.sampler is not None else {}
+        return {
+            "plan": self.plan.to_dict(),
+            "dataset_length": len(self.dataset) if self.dataset is not None else None,
+            "steps": steps,
+            "start_step": self.global_step,
+            "sampler": {k: v for k, v in sampler.items() if k not in ("dataset_len", "global_batch_size")},
+        }
+
+    def preflight(self, steps: int | None = None) -> None:
+        """Once, before the first step: ranks exchange plan, dataset length, steps and position,
+        and every rank raises WorkMismatch (naming what differs where) when they disagree.
+        train() calls it; call it yourself with the total when you call train() piecewise."""
+        if self._preflight_done:
+            return
+        self._preflight_done = True
+        if self.watchdog is not None:
+            self.watchdog.start().progress(self.global_step, None, "preflight")
+        from trainers.distributed import check_same_work
+
+        check_same_work(self.work_summary(steps))
 
     def micro_batch(self, indices: list[int]) -> MicroBatch:
         """Collate dataset items; an empty list gives a zero-weight filler (see MicroBatch)."""
@@ -167,8 +219,11 @@ class BaseTrainer:
         """Take `steps` optimizer steps, one global batch each (across epochs as needed)."""
         if self.sampler is None:
             raise ValueError("train() needs a dataset: pass dataset= to the trainer (or call step() yourself)")
+        self.preflight(steps)
         history = []
         for _ in range(steps):
+            if self.watchdog is not None:
+                self.watchdog.progress(self.global_step + 1, None, "data")
             micro = [self.micro_batch(ix) for ix in self.sampler.next_step()]
             metrics = self.step(micro)
             history.append(metrics)
@@ -201,6 +256,8 @@ class BaseTrainer:
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "step": self.global_step,
             "plan": self.plan.to_dict(),
+            "precision": self.amp.state_dict() if self.amp is not None else None,
+            "skipped_steps": list(self.skipped_steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -216,6 +273,9 @@ class BaseTrainer:
         if self.sampler is not None and state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
         self.global_step = int(state["step"])
+        if self.amp is not None and state.get("precision"):
+            self.amp.load_state_dict(state["precision"])  # the fp16 loss scale goes on where it was
+        self.skipped_steps = list(state.get("skipped_steps", []))
 
     # --------------------------------------------------------------- checkpoints
     # The logic lives in trainers/resume.py; these are the trainer's public face.

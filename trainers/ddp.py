@@ -20,9 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
-from trainers.accumulate import AccumulationHooks, StepMetrics, gradient_scaler, optimizer_stepper
+from trainers.accumulate import AccumulationHooks, StepMetrics
 from trainers.base import BaseTrainer
-from trainers.distributed import init_distributed
+from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, Watchdog, init_distributed
+from trainers.precision import MixedPrecision
 from trainers.task import Task
 
 
@@ -71,6 +72,8 @@ class DDPTrainer(BaseTrainer):
         sync_every_micro_step: bool = False,
         backend: str | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
+        precision: str | None = None,
+        collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
         log: bool = True,
         log_every: int = 0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -81,7 +84,7 @@ class DDPTrainer(BaseTrainer):
             raise UserError(
                 f"DDPTrainer is pure data-parallel; the plan has model-parallel size {plan.model_parallel_size}"
             )
-        info = init_distributed(plan, backend)
+        info = init_distributed(plan, backend, collective_timeout=collective_timeout)
         module = model.module if isinstance(model, DDP) else model
         module.to(info.device)
         if isinstance(model, DDP):
@@ -107,6 +110,7 @@ class DDPTrainer(BaseTrainer):
             drop_last=drop_last,
             device=info.device,
             dp_rank=info.rank,
+            precision=precision,
             log_every=log_every,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
@@ -114,8 +118,18 @@ class DDPTrainer(BaseTrainer):
         )
         self.dist = info
         self.sync_every_micro_step = sync_every_micro_step
-        self._stepper = optimizer_stepper(optimizer, module.parameters(), scheduler, clip_grad_norm)
-        self._scaler = gradient_scaler(module.parameters())
+        self.amp = MixedPrecision(
+            self.precision,
+            info.device,
+            module.parameters(),
+            optimizer,
+            scheduler,
+            clip_grad_norm,
+            all_reduce_sum=self._all_reduce_sum,
+            world_size=info.world_size,
+        )
+        # names the rank(s) the others wait for and exits, instead of hanging (None: one process)
+        self.watchdog = Watchdog.for_process_group(collective_timeout)
         if log:
             self.log(
                 f"gradaccum: DDP {info.backend} on {info.world_size} process(es) ({info.launcher or 'single'}), plan:\n"
@@ -125,7 +139,8 @@ class DDPTrainer(BaseTrainer):
     @classmethod
     def from_task(cls, task: Task, plan: BatchPlan, **kwargs: Any) -> DDPTrainer:
         """Seed torch, build the task's model on this rank's device, wrap it, build the optimizer."""
-        info = init_distributed(plan, kwargs.get("backend"))
+        timeout = kwargs.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S)
+        info = init_distributed(plan, kwargs.get("backend"), collective_timeout=timeout)
         torch.manual_seed(task.seed)
         model = task.model().to(info.device)
         optimizer = task.optimizer(model.parameters())
@@ -149,12 +164,22 @@ class DDPTrainer(BaseTrainer):
         return tensor
 
     def _hooks(self) -> AccumulationHooks:
+        amp = self.amp
         return AccumulationHooks(
-            step=self._stepper,
-            scale_gradients=self._scaler,
+            step=amp.step,
+            scale_gradients=amp.scale_gradients,
             no_sync=nullcontext if self.sync_every_micro_step else self.model.no_sync,
+            backward=amp.backward,
             all_reduce_sum=self._all_reduce_sum,
+            autocast=amp.autocast,
+            reduce_gradients=self._reduce_gradients if amp.reduce_gradients is not None else None,
         )
+
+    def _reduce_gradients(self) -> None:
+        # Low-precision parameters: the fp32 accumulator's all-reduce is this step's gradient
+        # round (every backward ran in no_sync, so the comm hook does not count it).
+        self.rounds.rounds += 1
+        self.amp.reduce_gradients()
 
     def _before_step(self) -> None:
         self.rounds.rounds = 0

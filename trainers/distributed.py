@@ -244,9 +244,11 @@ def hang_report(
     else:
         missing = missing_ranks(positions, world_size, now, stale_s)
         if missing:
-            body = f" Rank(s) that did not arrive: {', '.join(map(str, sorted(missing)))} (" + "; ".join(
-                f"rank {r} {why}" for r, why in sorted(missing.items())
-            ) + ")."
+            body = (
+                f" Rank(s) that did not arrive: {', '.join(map(str, sorted(missing)))} ("
+                + "; ".join(f"rank {r} {why}" for r, why in sorted(missing.items()))
+                + ")."
+            )
             if rank in missing:
                 body += " This rank is one of them: the others are waiting for it."
         else:

@@ -41,14 +41,27 @@ from trainers.accumulate import grad_norm, gradient_scaler, optimizer_stepper
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
-#: default `gradaccum verify` tolerance (max relative parameter difference against the fp32
-#: reference) per precision of the distributed run; see docs/precision.md for the measurements
-DEFAULT_TOLERANCES = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
-
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def resolve_precision(plan_precision: str, precision: str | None) -> str:
+    """A trainer's precision: its own argument, else the plan's; conflicting settings are an error.
+
+    The plan's default (fp32) gives way to an explicit argument; any other plan precision
+    that disagrees with the argument means two places set it, and one of them is wrong.
+    """
+    if precision is None:
+        return check_precision(plan_precision)
+    check_precision(precision)
+    if plan_precision not in ("fp32", precision):
+        raise UserError(
+            f"the plan says precision {plan_precision} but the trainer was given precision={precision!r}; "
+            "set it in one place (the plan: `gradaccum launch --precision`, or the --precision flag)"
+        )
     return precision
 
 

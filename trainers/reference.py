@@ -14,14 +14,18 @@ from typing import Any
 import torch
 
 from launcher.plan import BatchPlan
-from trainers.accumulate import AccumulationHooks, gradient_scaler, optimizer_stepper
+from trainers.accumulate import AccumulationHooks
 from trainers.base import BaseTrainer
+from trainers.precision import MixedPrecision
 from trainers.task import Task
 
 
 def reference_plan(plan_or_global_batch: BatchPlan | int) -> BatchPlan:
-    g = plan_or_global_batch if isinstance(plan_or_global_batch, int) else plan_or_global_batch.global_batch_size
-    return BatchPlan(global_batch_size=g, micro_batch_size=g, gradient_accumulation_steps=1, world_size=1)
+    if isinstance(plan_or_global_batch, int):
+        g, precision = plan_or_global_batch, "fp32"
+    else:
+        g, precision = plan_or_global_batch.global_batch_size, plan_or_global_batch.precision
+    return BatchPlan(g, g, gradient_accumulation_steps=1, world_size=1, precision=precision)
 
 
 class ReferenceTrainer(BaseTrainer):
@@ -44,6 +48,7 @@ class ReferenceTrainer(BaseTrainer):
         drop_last: bool = False,
         device: torch.device | str | None = None,
         log_every: int = 0,
+        precision: str | None = None,
     ) -> None:
         device = torch.device(device) if device is not None else torch.device("cpu")
         model.to(device)
@@ -63,9 +68,9 @@ class ReferenceTrainer(BaseTrainer):
             drop_last=drop_last,
             device=device,
             log_every=log_every,
+            precision=precision,
         )
-        self._stepper = optimizer_stepper(optimizer, model.parameters(), scheduler, clip_grad_norm)
-        self._scaler = gradient_scaler(model.parameters())
+        self.amp = MixedPrecision(self.precision, device, model.parameters(), optimizer, scheduler, clip_grad_norm)
 
     @classmethod
     def from_task(cls, task: Task, plan: BatchPlan | int, **kwargs: Any) -> ReferenceTrainer:
@@ -91,4 +96,7 @@ class ReferenceTrainer(BaseTrainer):
         )
 
     def _hooks(self) -> AccumulationHooks:
-        return AccumulationHooks(step=self._stepper, scale_gradients=self._scaler)
+        amp = self.amp
+        return AccumulationHooks(
+            step=amp.step, scale_gradients=amp.scale_gradients, backward=amp.backward, autocast=amp.autocast
+        )

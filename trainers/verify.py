@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from launcher.atomic import write_json_atomic
-from launcher.cli.verify import check_interrupt_options, check_options
+from launcher.cli.verify import check_interrupt_options, check_options, check_precision_options, resolve_tolerance
 from launcher.cli.verify import resolve_plan as cli_resolve_plan
 from launcher.errors import UserError
 from launcher.plan import PLAN_ENV_VAR, BatchPlan
@@ -48,17 +48,20 @@ class VerifyOptions:
     steps: int = 4
     shuffle: bool = True
     output_dir: str = "gradaccum-verify"
-    tolerance: float = 1e-5
+    tolerance: float | None = None  # None: the default for the precision (DEFAULT_TOLERANCES)
     sync_every_micro_step: bool = False
     backend: str = "ddp"
+    precision: str = "fp32"  # of the distributed run; the reference is always fp32
+    collective_timeout: float | None = None  # seconds; None: the trainers' default
     interrupt_at_step: int | None = None  # SIGKILL after this step's checkpoint, then resume
     resume_nproc_per_node: int | None = None  # resume at this many processes (same global batch)
 
 
 def resolve_plan(opts: VerifyOptions) -> BatchPlan:
-    return cli_resolve_plan(
+    plan = cli_resolve_plan(
         opts.global_batch_size, opts.micro_batch_size, opts.gradient_accumulation_steps, opts.nproc_per_node
     )
+    return dataclasses.replace(plan, precision=opts.precision)  # the workers read it from the plan
 
 
 def compare_states(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -93,7 +96,9 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def run_reference(task: Task, plan: BatchPlan, steps: int, shuffle: bool, log: Callable[[str], None]):
-    trainer = ReferenceTrainer.from_task(task, plan, shuffle=shuffle)
+    # always fp32 (only the global batch of the plan counts): a bf16/fp16 run is compared
+    # with what it approximates
+    trainer = ReferenceTrainer.from_task(task, plan.global_batch_size, shuffle=shuffle)
     initial = _clone(trainer.module.state_dict())
     states, metrics = [], []
 
@@ -132,6 +137,8 @@ def run_distributed(
         argv.append("--no-shuffle")
     if opts.sync_every_micro_step:
         argv.append("--sync-every-micro-step")
+    if opts.collective_timeout is not None:
+        argv += ["--collective-timeout", str(opts.collective_timeout)]
     argv += list(extra_args)
     env = dict(os.environ)
     env[PLAN_ENV_VAR] = str(plan_file.resolve())
@@ -243,6 +250,8 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     """Run both halves, compare, write the files; returns the report (see DESIGN.md "Verify")."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_options(opts.backend, opts.steps, opts.nproc_per_node, opts.tolerance, opts.task)
+    check_precision_options(opts.precision, opts.collective_timeout)
+    opts = dataclasses.replace(opts, tolerance=resolve_tolerance(opts.tolerance, opts.precision))
     plan = resolve_plan(opts)
     check_interrupt_options(opts.steps, opts.interrupt_at_step, opts.resume_nproc_per_node, plan)
     if os.getcwd() not in sys.path:
@@ -277,6 +286,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     report: dict[str, Any] = {
         "task": task.name,
         "backend": opts.backend,
+        "precision": opts.precision,
         "plan": plan.to_dict(),
         "world_sizes": interrupted.pop("world_sizes", [plan.world_size]),
         **interrupted,
@@ -306,6 +316,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
                 "items": dm["items"],
                 "count": dm["count"],
                 "lr": dm["lr"],
+                "skipped": bool(dm.get("skipped", False)),
                 "world_size": rec.get("world_size"),
             }
         )
@@ -315,6 +326,11 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     report["max_abs_diff"] = max((s["max_abs_diff"] for s in steps), default=float("nan"))
     report["max_rel_diff"] = max((s["max_rel_diff"] for s in steps), default=float("nan"))
     report["allreduce_rounds_per_step"] = max((s["allreduce_rounds"] for s in steps), default=0)
+    report["loss_max_rel_diff"] = max(
+        (abs(s["distributed_loss"] - s["reference_loss"]) / max(abs(s["reference_loss"]), 1e-30) for s in steps),
+        default=float("nan"),
+    )
+    report["skipped_steps"] = [s["step"] for s in steps if s["skipped"]]  # fp16 overflow: update skipped
     complete = rc == 0 and len(steps) == opts.steps
     report["passed"] = bool(
         complete and report["initial_max_abs_diff"] == 0.0 and report["max_rel_diff"] <= opts.tolerance
@@ -353,7 +369,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"task: {report['task']}",
         f"plan: global {plan['global_batch_size']} = micro {plan['micro_batch_size']} × accumulation {k} × "
-        f"data-parallel {plan['data_parallel_size']} (backend {report['backend']}, world {report['world_sizes']})",
+        f"data-parallel {plan['data_parallel_size']} (backend {report['backend']}, "
+        f"precision {report.get('precision', 'fp32')}, world {report['world_sizes']})",
         "",
         f"{'step':>4}  {'reference loss':>14}  {'distributed loss':>16}  {'max abs diff':>12}  "
         f"{'max rel diff':>12}  {'all-reduce rounds':>17}",
@@ -377,6 +394,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"({'<=' if report['passed'] else 'vs'} tolerance {report['tolerance']:g}) after {len(report['steps'])} steps; "
         f"{rounds} gradient all-reduce round(s) per optimizer step with {k} micro-steps"
     )
+    if report.get("precision", "fp32") != "fp32" and report["steps"]:
+        lines.append(
+            f"  {report['precision']} run against the fp32 reference: parameters differ by "
+            f"{report['steps'][-1]['max_rel_diff']:.2e} (relative) after the last step, losses by at most "
+            f"{report['loss_max_rel_diff']:.2e}; the tolerance is sized for {report['precision']} round-off, "
+            "which Adam amplifies on the first steps (docs/precision.md)"
+        )
+    if report.get("skipped_steps"):
+        lines.append(f"  fp16 overflow: the update of step(s) {report['skipped_steps']} was skipped")
     for note in report["diagnostics"]:
         lines.append(f"  - {note}")
     lines.append("files: " + ", ".join(report["files"].values()))

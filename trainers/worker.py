@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.plan import BatchPlan
+from launcher.plan import PRECISIONS, BatchPlan
 
 
 def step_path(directory: str | os.PathLike[str], step: int) -> Path:
@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--gradient-accumulation-steps", type=int)
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the plan's (fp32)")
+    p.add_argument(
+        "--collective-timeout", type=float, metavar="SECONDS", help="hang watchdog and process-group timeout"
+    )
     from trainers.resume import add_checkpoint_args
 
     add_checkpoint_args(p)
@@ -60,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from trainers.ddp import DDPTrainer
-    from trainers.distributed import init_distributed, log_rank0, shutdown
+    from trainers.distributed import (
+        DEFAULT_COLLECTIVE_TIMEOUT_S,
+        check_collective_timeout,
+        check_replicas,
+        init_distributed,
+        log_rank0,
+        shutdown,
+    )
     from trainers.resume import (
         agree_on_checkpoint,
         check_checkpoint_args,
@@ -72,13 +83,14 @@ def run(args: argparse.Namespace) -> int:
     from trainers.task import load_task
 
     checkpoint_kwargs = check_checkpoint_args(args)
+    timeout = check_collective_timeout(args.collective_timeout) or DEFAULT_COLLECTIVE_TIMEOUT_S
     plan = BatchPlan.from_env()
     resume_from = None
     if args.resume:
         init_distributed()
         resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
     if plan is None:
-        info = init_distributed()
+        info = init_distributed(collective_timeout=timeout)
         g, m, k = args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps
         if resume_from is not None:  # same global batch, re-solved for this world size
             plan = plan_for_resume(checkpoint_plan(resume_from), info.world_size, g, m, k)
@@ -86,11 +98,18 @@ def run(args: argparse.Namespace) -> int:
             plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
     task = load_task(args.task)
     trainer = DDPTrainer.from_task(
-        task, plan, shuffle=not args.no_shuffle, sync_every_micro_step=args.sync_every_micro_step, **checkpoint_kwargs
+        task,
+        plan,
+        precision=args.precision,
+        collective_timeout=timeout,
+        shuffle=not args.no_shuffle,
+        sync_every_micro_step=args.sync_every_micro_step,
+        **checkpoint_kwargs,
     )
     if resume_from is not None:
         trainer.resume(resume_from, lr_scaling=args.lr_scaling)
     install_stop_handlers(trainer)
+    trainer.preflight(args.steps)  # ranks agree on plan, data and steps before the first one
     rank0 = dist.get_rank() == 0
     out = Path(args.output_dir)
     if rank0:
@@ -114,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
             hold_until_killed(out, metrics.step)
     save_final(trainer)
+    check_replicas(trainer.module.parameters())  # same decisions on every rank (e.g. skipped fp16 steps)
     del trainer  # DDP's reducer holds the process group: let it go before the group does
     shutdown(barrier=True)
     return 0
@@ -121,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from trainers.distributed import shutdown
+    from trainers.distributed import ReplicaDivergence, shutdown
 
     try:
         return run(args)
@@ -129,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "?")
         print(f"gradaccum worker (rank {rank}): error: {e}", file=sys.stderr, flush=True)
         return 2
+    except ReplicaDivergence as e:
+        print(f"gradaccum worker (rank {os.environ.get('RANK', '?')}): error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         shutdown()
 

@@ -6,11 +6,32 @@ import argparse
 
 from launcher.cli.common import info, print_json
 from launcher.errors import UserError
-from launcher.plan import BatchPlan
+from launcher.plan import PRECISIONS, BatchPlan
 
 ORDER = 60
 DEFAULT_MICRO_BATCH_SIZE = 4
 DEFAULT_ACCUMULATION_STEPS = 3
+#: default --tolerance (max relative parameter difference against the fp32 reference) for the
+#: precision of the distributed run; the measurements behind them are in docs/precision.md
+DEFAULT_TOLERANCES = {"fp32": 1e-5, "bf16": 1.0, "fp16": 1e-1}
+#: the trainers' default --collective-timeout (trainers.distributed.DEFAULT_COLLECTIVE_TIMEOUT_S)
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+
+
+def resolve_tolerance(tolerance: float | None, precision: str) -> float:
+    """--tolerance, or the default for the precision of the distributed run."""
+    return DEFAULT_TOLERANCES[precision] if tolerance is None else tolerance
+
+
+def check_precision_options(precision: str, collective_timeout: float | None) -> None:
+    """--precision / --collective-timeout, before torch is imported."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if collective_timeout is not None and not 0 < collective_timeout < float("inf"):
+        raise UserError(
+            f"--collective-timeout must be a positive number of seconds, got {collective_timeout}; "
+            f"the default is {DEFAULT_COLLECTIVE_TIMEOUT_S:g}"
+        )
 
 
 def resolve_plan(
@@ -26,7 +47,7 @@ def resolve_plan(
     return BatchPlan.solve(g, m, k, world_size=world_size)
 
 
-def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: float, task: str = "m:f") -> None:
+def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: float | None, task: str = "m:f") -> None:
     """Cheap checks before torch is imported, so that bad input fails at once."""
     module, sep, function = task.partition(":")
     if not (module and sep and function):
@@ -37,7 +58,7 @@ def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: floa
         raise UserError(f"--steps must be at least 1, got {steps}")
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    if not tolerance > 0:
+    if tolerance is not None and not tolerance > 0:
         raise UserError(f"--tolerance must be positive, got {tolerance}")
 
 
@@ -82,7 +103,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-shuffle", action="store_true", help="global batch t = items [t*G, (t+1)*G)")
     p.add_argument("--output-dir", default="gradaccum-verify", metavar="DIR", help="default ./gradaccum-verify")
     p.add_argument(
-        "--tolerance", type=float, default=1e-5, metavar="REL", help="max relative difference (default 1e-5, fp32)"
+        "--tolerance",
+        type=float,
+        metavar="REL",
+        help="max relative difference (default by --precision: 1e-5 fp32, 1 bf16, 0.1 fp16)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="precision of the distributed run, compared with an fp32 reference (default fp32)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a rank that stops answering for this long ends the run, which names it (default 300)",
     )
     p.add_argument(
         "--sync-every-micro-step",
@@ -107,6 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_options(args.backend, args.steps, args.nproc_per_node, args.tolerance, args.task)
+    check_precision_options(args.precision, args.collective_timeout)
     plan = resolve_plan(
         args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps, args.nproc_per_node
     )
@@ -125,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         sync_every_micro_step=args.sync_every_micro_step,
         backend=args.backend,
+        precision=args.precision,
+        collective_timeout=args.collective_timeout,
         interrupt_at_step=args.interrupt_at_step,
         resume_nproc_per_node=args.resume_nproc_per_node,
     )
