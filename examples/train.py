@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = BatchPlan.from_env()
         resume_from = None
         if args.resume:
-            init_distributed()
+            init_distributed(collective_timeout=timeout)
             resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
         if plan is None:
             g, m, k = args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps

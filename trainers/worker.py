@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     plan = BatchPlan.from_env()
     resume_from = None
     if args.resume:
-        init_distributed()
+        init_distributed(collective_timeout=timeout)
         resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir)
     if plan is None:
         info = init_distributed(collective_timeout=timeout)
