@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,11 +86,16 @@ def find_checkpoint(
 ) -> Path | None:
     """This process's answer: "auto" -> the newest complete checkpoint under `checkpoint_dir`
     (None when there is none yet: a first start); a path -> that checkpoint, or a root's newest."""
-    if str(resume) == AUTO:
-        if checkpoint_dir is None:
-            raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
-        return latest_checkpoint(checkpoint_dir)
-    return resolve_checkpoint(resume)
+    if str(resume) == AUTO and checkpoint_dir is None:
+        raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
+    # Damaged checkpoints are skipped with a warning: say it as a log line, not as a
+    # Python warning pointing into this file.
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        found = latest_checkpoint(checkpoint_dir) if str(resume) == AUTO else resolve_checkpoint(resume)
+    for warning in skipped:
+        print(f"gradaccum: warning: {warning.message}", file=sys.stderr, flush=True)
+    return found
 
 
 def agree_on_checkpoint(
