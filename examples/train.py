@@ -1,9 +1,11 @@
-"""Train with DDPTrainer under any launcher: torchrun, `gradaccum launch`, mpirun, deepspeed, srun.
+"""Train with DDPTrainer (or DeepSpeedTrainer) under any launcher: torchrun, `gradaccum launch`, mpirun, deepspeed, srun.
 
     torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 --steps 20
     gradaccum launch --launcher mpirun --nproc-per-node 2 --global-batch-size 24 \\
         --micro-batch-size 4 -- examples/train.py --steps 20
     python examples/train.py --global-batch-size 8 --micro-batch-size 2      # one process
+    gradaccum launch --launcher deepspeed --zero-stage 2 --nproc-per-node 2 --global-batch-size 24 \\
+        --micro-batch-size 4 -- examples/train.py --backend deepspeed --steps 20   # DeepSpeedTrainer
     torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 \\
         --steps 20 --checkpoint-dir ckpt --checkpoint-every 5 --resume auto   # restartable, any world size
 
@@ -40,6 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a rank that stops answering this long ends the job, which names it (default 300)",
     )
     p.add_argument("--output", metavar="FILE", help="rank 0 writes the final model state_dict here")
+    p.add_argument("--backend", choices=("ddp", "deepspeed"), default="ddp", help="DDPTrainer or DeepSpeedTrainer")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), help="deepspeed: ZeRO stage (default: JSON's, or 0)")
+    p.add_argument(
+        "--deepspeed-config",
+        metavar="FILE",
+        default=os.environ.get("GRADACCUM_DEEPSPEED_CONFIG"),
+        help="deepspeed: your DeepSpeed JSON, merged under the plan (default $GRADACCUM_DEEPSPEED_CONFIG)",
+    )
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     from trainers.resume import add_checkpoint_args
@@ -80,13 +90,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("no plan: run under `gradaccum launch` or give --global-batch-size/--micro-batch-size")
             else:
                 plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
-        trainer = DDPTrainer.from_task(
+        trainer_class, extra = DDPTrainer, {}
+        if args.backend == "deepspeed":
+            from trainers import DeepSpeedTrainer
+
+            trainer_class, extra = DeepSpeedTrainer, {"zero_stage": args.zero_stage, "ds_config": args.deepspeed_config}
+        trainer = trainer_class.from_task(
             load_task(args.task),
             plan,
             precision=args.precision,
             collective_timeout=timeout,
             shuffle=not args.no_shuffle,
             **checkpoint_kwargs,
+            **extra,
         )
         if resume_from is not None:
             trainer.resume(resume_from, lr_scaling=args.lr_scaling)

@@ -106,7 +106,7 @@ def test_batchnorm_and_batch_dependent_buffers_are_diagnosed():
         (["--task", "no_such_module_xyz:task"], "cannot import task module"),
         (["--task", "trainers.example"], "MODULE:FUNCTION"),
         (["--task", "trainers.example:no_such_function"], "has no function"),
-        (["--backend", "deepspeed"], "not available yet"),
+        (["--backend", "deepspeed", "--deepspeed-config", "no-such-ds.json"], "cannot read DeepSpeed config"),
         (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible"),
         (["--steps", "0"], "--steps must be at least 1"),
     ],

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from launcher.atomic import write_json_atomic
-from launcher.cli.verify import check_interrupt_options, check_options, check_precision_options, resolve_tolerance
+from launcher.cli.verify import (
+    check_backend_options,
+    check_interrupt_options,
+    check_options,
+    check_precision_options,
+    resolve_tolerance,
+)
 from launcher.cli.verify import resolve_plan as cli_resolve_plan
 from launcher.errors import UserError
 from launcher.plan import PLAN_ENV_VAR, BatchPlan
@@ -51,6 +57,8 @@ class VerifyOptions:
     tolerance: float | None = None  # None: the default for the precision (DEFAULT_TOLERANCES)
     sync_every_micro_step: bool = False
     backend: str = "ddp"
+    zero_stage: int | None = None  # --backend deepspeed: None means the JSON's stage, or 0
+    deepspeed_config: str | None = None  # --backend deepspeed: the user's DeepSpeed JSON
     precision: str = "fp32"  # of the distributed run; the reference is always fp32
     collective_timeout: float | None = None  # seconds; None: the trainers' default
     interrupt_at_step: int | None = None  # SIGKILL after this step's checkpoint, then resume
@@ -139,6 +147,12 @@ def run_distributed(
         argv.append("--sync-every-micro-step")
     if opts.collective_timeout is not None:
         argv += ["--collective-timeout", str(opts.collective_timeout)]
+    if opts.backend != "ddp":
+        argv += ["--backend", opts.backend]
+    if opts.zero_stage is not None:
+        argv += ["--zero-stage", str(opts.zero_stage)]
+    if opts.deepspeed_config is not None:
+        argv += ["--deepspeed-config", str(Path(opts.deepspeed_config).resolve())]
     argv += list(extra_args)
     env = dict(os.environ)
     env[PLAN_ENV_VAR] = str(plan_file.resolve())
@@ -254,6 +268,15 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     opts = dataclasses.replace(opts, tolerance=resolve_tolerance(opts.tolerance, opts.precision))
     plan = resolve_plan(opts)
     check_interrupt_options(opts.steps, opts.interrupt_at_step, opts.resume_nproc_per_node, plan)
+    ds_config = check_backend_options(
+        opts.backend,
+        plan,
+        opts.zero_stage,
+        opts.deepspeed_config,
+        opts.sync_every_micro_step,
+        opts.precision,
+        opts.resume_nproc_per_node,
+    )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: a task module in the current directory
     task = load_task(opts.task)
@@ -286,6 +309,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
     report: dict[str, Any] = {
         "task": task.name,
         "backend": opts.backend,
+        **({"zero_stage": ds_config["zero_optimization"]["stage"]} if ds_config else {}),
         "precision": opts.precision,
         "plan": plan.to_dict(),
         "world_sizes": interrupted.pop("world_sizes", [plan.world_size]),
@@ -318,6 +342,7 @@ def verify(opts: VerifyOptions, log: Callable[[str], None] | None = None) -> dic
                 "lr": dm["lr"],
                 "skipped": bool(dm.get("skipped", False)),
                 "world_size": rec.get("world_size"),
+                **({"collective_calls": rec["collective_calls"]} if "collective_calls" in rec else {}),
             }
         )
         final_cmp = cmp
@@ -369,7 +394,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"task: {report['task']}",
         f"plan: global {plan['global_batch_size']} = micro {plan['micro_batch_size']} × accumulation {k} × "
-        f"data-parallel {plan['data_parallel_size']} (backend {report['backend']}, "
+        f"data-parallel {plan['data_parallel_size']} (backend {report['backend']}"
+        + (f" ZeRO {report['zero_stage']}" if "zero_stage" in report else "")
+        + ", "
         f"precision {report.get('precision', 'fp32')}, world {report['world_sizes']})",
         "",
         f"{'step':>4}  {'reference loss':>14}  {'distributed loss':>16}  {'max abs diff':>12}  "
@@ -394,6 +421,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"({'<=' if report['passed'] else 'vs'} tolerance {report['tolerance']:g}) after {len(report['steps'])} steps; "
         f"{rounds} gradient all-reduce round(s) per optimizer step with {k} micro-steps"
     )
+    if report.get("zero_stage", 0) >= 2 and k > 1:
+        lines.append(
+            "  ZeRO 2 partitions gradients, so DeepSpeed reduces them on every micro-step by design "
+            "(ZeRO 0 and 1 reduce once per optimizer step)"
+        )
     if report.get("precision", "fp32") != "fp32" and report["steps"]:
         lines.append(
             f"  {report['precision']} run against the fp32 reference: parameters differ by "

@@ -57,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # gradaccum verify --interrupt-at-step S: every rank waits here after step S's checkpoint
     # until verify SIGKILLs the whole run (see trainers/interrupt.py)
     p.add_argument("--hold-after-step", type=int, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("ddp", "deepspeed"), default="ddp", help="distributed trainer (default ddp)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), help="deepspeed: ZeRO stage (default: JSON's, or 0)")
+    p.add_argument(
+        "--deepspeed-config",
+        metavar="FILE",
+        default=os.environ.get("GRADACCUM_DEEPSPEED_CONFIG"),
+        help="deepspeed: a DeepSpeed JSON merged under the plan (default $GRADACCUM_DEEPSPEED_CONFIG)",
+    )
+    # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -97,15 +107,32 @@ def run(args: argparse.Namespace) -> int:
         else:
             plan = BatchPlan.solve(g, m, k, world_size=info.world_size)
     task = load_task(args.task)
-    trainer = DDPTrainer.from_task(
-        task,
-        plan,
-        precision=args.precision,
-        collective_timeout=timeout,
-        shuffle=not args.no_shuffle,
-        sync_every_micro_step=args.sync_every_micro_step,
-        **checkpoint_kwargs,
-    )
+    if args.backend == "deepspeed":
+        if args.sync_every_micro_step:
+            raise UserError("--sync-every-micro-step is a DDP demonstration; DeepSpeed decides when it communicates")
+        from trainers.deepspeed_trainer import DeepSpeedTrainer
+
+        trainer = DeepSpeedTrainer.from_task(
+            task,
+            plan,
+            zero_stage=args.zero_stage,
+            ds_config=args.deepspeed_config,
+            precision=args.precision,
+            collective_timeout=timeout,
+            shuffle=not args.no_shuffle,
+            count_collectives=True,  # gradaccum verify reports the gradient communication rounds
+            **checkpoint_kwargs,
+        )
+    else:
+        trainer = DDPTrainer.from_task(
+            task,
+            plan,
+            precision=args.precision,
+            collective_timeout=timeout,
+            shuffle=not args.no_shuffle,
+            sync_every_micro_step=args.sync_every_micro_step,
+            **checkpoint_kwargs,
+        )
     if resume_from is not None:
         trainer.resume(resume_from, lr_scaling=args.lr_scaling)
     install_stop_handlers(trainer)
@@ -121,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         if rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
             record["model"] = trainer.module.state_dict()
+            if getattr(trainer, "last_collective_calls", None) is not None:  # DeepSpeed: calls per collective
+                record["collective_calls"] = trainer.last_collective_calls
             save_atomic(record, step_path(out, metrics.step))
         log_rank0(
             f"distributed: step {metrics.step}/{args.steps}  loss {metrics.loss:.6f}  "

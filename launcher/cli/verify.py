@@ -52,14 +52,58 @@ def check_options(backend: str, steps: int, nproc_per_node: int, tolerance: floa
     module, sep, function = task.partition(":")
     if not (module and sep and function):
         raise UserError(f"--task must look like MODULE:FUNCTION (e.g. trainers.example:task), got {task!r}")
-    if backend != "ddp":
-        raise UserError(f"--backend {backend} is not available yet; use --backend ddp")
+    if backend not in ("ddp", "deepspeed"):
+        raise UserError(f"--backend must be ddp or deepspeed, got {backend!r}")
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
     if tolerance is not None and not tolerance > 0:
         raise UserError(f"--tolerance must be positive, got {tolerance}")
+
+
+def check_backend_options(
+    backend: str,
+    plan: BatchPlan,
+    zero_stage: int | None = None,
+    deepspeed_config: str | None = None,
+    sync_every_micro_step: bool = False,
+    precision: str | None = None,
+    resume_nproc_per_node: int | None = None,
+) -> dict | None:
+    """DeepSpeed flags, before any process starts: the JSON is read and rendered under the plan
+    here, so batch keys that disagree with it fail now, naming both values. Returns the config."""
+    if backend != "deepspeed":
+        if zero_stage is not None or deepspeed_config is not None:
+            raise UserError("--zero-stage and --deepspeed-config are for --backend deepspeed")
+        return None
+    if sync_every_micro_step:
+        raise UserError("--sync-every-micro-step is a DDP demonstration; DeepSpeed decides when it communicates")
+    if precision not in (None, "fp32"):
+        raise UserError(
+            f"--backend deepspeed --precision {precision}: DeepSpeed casts the model to {precision} at start-up, so "
+            "its weights differ from the fp32 reference before the first step and verify cannot compare them. "
+            "Verify DeepSpeed in fp32, and 16-bit accumulation with --backend ddp; docs/deepspeed.md gives "
+            "DeepSpeed's measured bf16 figures"
+        )
+    from launcher import configs
+
+    path = deepspeed_config
+    base = configs.load_json_file(path, "DeepSpeed config (--deepspeed-config)") if path else None
+    config = configs.deepspeed_config(plan, base, zero_stage=zero_stage, precision=precision)
+    if config["zero_optimization"]["stage"] not in (0, 1, 2):
+        raise UserError(
+            f"gradaccum verify runs DeepSpeed at ZeRO stages 0, 1 and 2; the config asks for "
+            f"{config['zero_optimization']['stage']}"
+        )
+    stage = config["zero_optimization"]["stage"]
+    if stage >= 1 and resume_nproc_per_node not in (None, plan.world_size):
+        raise UserError(
+            f"--resume-nproc-per-node {resume_nproc_per_node} with ZeRO {stage}: DeepSpeed keeps ZeRO 1/2 optimizer "
+            f"state in one file per data-parallel rank and cannot re-partition it for another world size; "
+            f"use --zero-stage 0 (resumes at any world size) or resume at {plan.world_size} processes"
+        )
+    return config
 
 
 def check_interrupt_options(
@@ -99,7 +143,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, default=2, metavar="P", help="worker processes (default 2)")
     p.add_argument("--steps", type=int, default=4, metavar="S", help="optimizer steps (default 4)")
     p.add_argument("--backend", choices=("ddp", "deepspeed"), default="ddp", help="distributed trainer (default ddp)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=0, help="DeepSpeed ZeRO stage (default 0)")
+    p.add_argument(
+        "--zero-stage", type=int, choices=(0, 1, 2), help="--backend deepspeed: ZeRO stage (default: the JSON's, or 0)"
+    )
+    p.add_argument(
+        "--deepspeed-config",
+        metavar="FILE",
+        help="--backend deepspeed: your DeepSpeed JSON, merged under the plan (its batch keys must agree)",
+    )
     p.add_argument("--no-shuffle", action="store_true", help="global batch t = items [t*G, (t+1)*G)")
     p.add_argument("--output-dir", default="gradaccum-verify", metavar="DIR", help="default ./gradaccum-verify")
     p.add_argument(
@@ -148,6 +199,15 @@ def run(args: argparse.Namespace) -> int:
         args.global_batch_size, args.micro_batch_size, args.gradient_accumulation_steps, args.nproc_per_node
     )
     check_interrupt_options(args.steps, args.interrupt_at_step, args.resume_nproc_per_node, plan)
+    check_backend_options(
+        args.backend,
+        plan,
+        args.zero_stage,
+        args.deepspeed_config,
+        args.sync_every_micro_step,
+        args.precision,
+        args.resume_nproc_per_node,
+    )
     from trainers.verify import VerifyOptions, format_report, verify
 
     opts = VerifyOptions(
@@ -162,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         sync_every_micro_step=args.sync_every_micro_step,
         backend=args.backend,
+        zero_stage=args.zero_stage,
+        deepspeed_config=args.deepspeed_config,
         precision=args.precision,
         collective_timeout=args.collective_timeout,
         interrupt_at_step=args.interrupt_at_step,
