@@ -38,6 +38,9 @@ CASES = [
     f"0:{LM}:2:2:bf16",
     f"1:{LM}:2:2:bf16",
     f"2:{LM_NO_COUNT}:2:2:bf16",
+    # ZeRO-Offload of the optimizer to the CPU (a torch optimizer, not DeepSpeed's compiled CPU Adam)
+    f"2:{LM}:2:2:fp32:offload",
+    f"2:{LM_NO_COUNT}:2:2:fp32:offload",
 ]
 
 
@@ -61,6 +64,7 @@ def deepspeed_runs(tmp_path_factory) -> dict:
 
 def compare_with_reference(case: dict) -> list[dict]:
     """Per step: largest relative/absolute parameter difference, loss difference, rounds."""
+    assert case["error"] is None, case["error"]
     plan = BatchPlan.from_dict(case["plan"])
     reference = ReferenceTrainer.from_task(load_task(case["task"]), plan, shuffle=False)
     initial = compare_states(reference.module.state_dict(), case["states"][0])
@@ -133,6 +137,15 @@ def test_bf16_runs_at_every_stage_within_its_measured_distance_of_fp32(deepspeed
     # within 0.38 per-tensor relative (first Adam steps from bf16-rounded weights)
     assert max(r["loss_diff"] / abs(r["loss"]) for r in rows) <= (2e-2 if case.startswith("0:") else 5e-3), rows
     assert max(r["max_rel_diff"] for r in rows) <= 0.5, rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_zero_offload_is_exact_with_task_count_and_refuses_to_approximate_without(deepspeed_runs):
+    rows = compare_with_reference(deepspeed_runs[f"2:{LM}:2:2:fp32:offload"])
+    assert max(r["max_rel_diff"] for r in rows) <= 1e-5, rows
+    refused = deepspeed_runs[f"2:{LM_NO_COUNT}:2:2:fp32:offload"]
+    assert refused["metrics"] == [] and "needs Task.count" in refused["error"]
 
 
 def verify_json(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict]:

@@ -373,22 +373,30 @@ class DeepSpeedTrainer(BaseTrainer):
         """Multiply the reduced gradients, wherever this engine keeps them, by `factor`."""
         if factor == 1.0:
             return
-        grads = []
+        if self.engine.zero_use_cpu_optimizer():
+            # ZeRO-Offload copies the reduced gradients into the CPU optimizer's own buffers,
+            # out of reach of the public fragment mapping (measured: scaling it changes nothing).
+            raise UserError(
+                "with ZeRO-Offload (offload_optimizer) a (loss_sum, count) loss needs Task.count (count=...): the "
+                "trainer then scales each micro-step's loss before backward, which is exact; scaling the offloaded "
+                "gradients afterwards is not"
+            )
+        grads, partitioned = [], False
         for p in self._params:
-            mapping = getattr(p, "_hp_mapping", None)
-            if getattr(p, "_hp_grad", None) is None and p.grad is not None:
-                grads.append(p.grad)  # ZeRO 0, fp32: the torch optimizer reads param.grad
-            elif mapping is not None:
+            if hasattr(p, "_hp_mapping"):
                 # ZeRO 1/2 (and DeepSpeed's bf16 optimizer): this rank's slice of the reduced
-                # fp32 gradient, the tensor DeepSpeed's safe_set_full_grad writes to.
-                grads.append(mapping.get_lp_grad_fragment(p._index_in_param_group))
-            elif not hasattr(p, "_hp_mapping"):
-                raise UserError(
-                    "this DeepSpeed configuration keeps its gradients where the trainer cannot scale them exactly; "
-                    "give the task a count function (Task.count / count=...) so that each micro-step's loss is "
-                    "scaled before backward instead"
-                )
-            # else: none of p's gradient lives in this rank's partition
+                # fp32 gradient, the tensor DeepSpeed's own safe_set_full_grad writes to
+                partitioned = True
+                if p._hp_mapping is not None:  # None: no part of p lives in this rank's partition
+                    grads.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group))
+            elif p.grad is not None:
+                grads.append(p.grad)  # ZeRO 0: the optimizer reads param.grad (None: p was unused)
+        if self.zero_stage >= 1 and not partitioned:
+            raise UserError(
+                "this DeepSpeed configuration keeps its gradients where the trainer cannot scale them exactly; "
+                "give the task a count function (Task.count / count=...) so that each micro-step's loss is "
+                "scaled before backward instead"
+            )
         if grads:
             torch._foreach_mul_(grads, factor)
 
@@ -491,7 +499,9 @@ class DeepSpeedTrainer(BaseTrainer):
             raise CheckpointError(f"DeepSpeed could not load its checkpoint from {directory}")
 
     def close(self) -> None:
-        """Undo the collective counting; the process group stays (see trainers.distributed.shutdown)."""
+        """Stop the watchdog, undo the collective counting; the process group stays (trainers.distributed.shutdown)."""
         if self.collectives is not None:
             self.collectives.uninstall()
             self.collectives = None
+        if self.watchdog is not None:
+            self.watchdog.stop()

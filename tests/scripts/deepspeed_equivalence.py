@@ -3,9 +3,11 @@
     torchrun --nproc-per-node 2 tests/scripts/deepspeed_equivalence.py \
         --case 0:trainers.example:mlp_task:4 [--case STAGE:TASK:K[:M] ...] --steps 3 --output FILE.pt
 
-A case is STAGE:TASK:K[:M[:PRECISION]]: the ZeRO stage, the task (MODULE:FUNCTION), K
-accumulation steps, micro-batch size M (default 2), precision (default fp32); each case
-gets its own engine. The states saved are the fp32 master weights (`fp32_state_dict`). Every
+A case is STAGE:TASK:K[:M[:PRECISION[:offload]]]: the ZeRO stage, the task (MODULE:FUNCTION),
+K accumulation steps, micro-batch size M (default 2), precision (default fp32), and
+`offload` for ZeRO-Offload of the optimizer to the CPU; each case gets its own engine. The
+states saved are the fp32 master weights (`fp32_state_dict`); a UserError raised while
+training (the same on every rank) is saved as the case's `error`. Every
 rank trains each case with collective counting, without shuffling; rank 0 saves, per case,
 the plan, the model state_dict before the first step and after every optimizer step, and
 each step's metrics (gradient communication rounds and calls included). The test computes
@@ -20,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.deepspeed_trainer import DeepSpeedTrainer
 from trainers.distributed import init_distributed, shutdown
@@ -32,11 +35,16 @@ def run_case(spec: str, steps: int, world: int) -> dict:
     stage, task_name, k = int(parts[0]), ":".join(parts[1:3]), int(parts[3])
     micro = int(parts[4]) if len(parts) > 4 else 2
     precision = parts[5] if len(parts) > 5 else "fp32"
+    offload = len(parts) > 6 and parts[6] == "offload"
+    ds_config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}} if offload else None
+    if offload:  # keep the task's torch optimizer: DeepSpeed would swap in its compiled CPU Adam
+        ds_config["zero_force_ds_cpu_optimizer"] = False
     plan = BatchPlan.solve(micro_batch_size=micro, gradient_accumulation_steps=k, world_size=world)
     trainer = DeepSpeedTrainer.from_task(
         load_task(task_name),
         plan,
         zero_stage=stage,
+        ds_config=ds_config,
         precision=precision,
         shuffle=False,
         count_collectives=True,
@@ -46,12 +54,16 @@ def run_case(spec: str, steps: int, world: int) -> dict:
     def snapshot() -> dict[str, torch.Tensor]:
         return trainer.fp32_state_dict()  # collective at ZeRO 1/2 in 16 bits: every rank calls it
 
-    states, metrics = [snapshot()], []
-    for _ in range(steps):
-        (m,) = trainer.train(1)
-        states.append(snapshot())
-        metrics.append({**m.to_dict(), "calls": dict(trainer.last_collective_calls)})
-    trainer.close()
+    states, metrics, error = [snapshot()], [], None
+    try:
+        for _ in range(steps):
+            (m,) = trainer.train(1)
+            states.append(snapshot())
+            metrics.append({**m.to_dict(), "calls": dict(trainer.last_collective_calls)})
+    except UserError as e:
+        error = str(e)
+    finally:
+        trainer.close()
     return {
         "case": spec,
         "zero_stage": stage,
@@ -60,6 +72,7 @@ def run_case(spec: str, steps: int, world: int) -> dict:
         "plan": plan.to_dict(),
         "states": states,
         "metrics": metrics,
+        "error": error,
     }
 
 
