@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import comm, launch, memory, microbatch, overhead, peers
-from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso
+from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso, source_state
 from launcher.atomic import write_json_atomic, write_text_atomic
 from launcher.run import describe_status, run_local_workers
 
@@ -26,11 +26,11 @@ NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
-    "training": {"reps": 7, "warmup": 2, "steps": 6, "micro": 4, "k": 4},
-    "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "reps": 5, "warmup": 1, "steps": 4},
+    "training": {"reps": 14, "warmup": 1, "steps": 4, "micro": 4, "k": 4},
+    "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "reps": 5, "warmup": 1, "steps": 2},
     "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "reps": 5, "warmup": 1, "steps": 3},
     "microbatch_trial_sizes": None,  # autobatch's defaults
-    "memory": {"ks": [1, 2, 4, 8, 16], "micro": 64, "reps": 2},
+    "memory": {"ks": [1, 2, 4, 8, 16], "micro": 32, "reps": 2},
     "launch": {"reps": 5, "first_step_reps": 3},
     "timeout_s": 540,
 }
@@ -68,8 +68,8 @@ def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[st
     spec = {"micro": t["micro"], "k": t["k"]}
     workloads: dict[str, Any] = {}
     if "overhead" in selected:
-        workloads["mlp"] = {**spec, "contenders": ["ours", "hand"]}
-        workloads["lm"] = {**spec, "contenders": ["ours", "hand"]}
+        workloads["mlp"] = {**spec, "contenders": ["ours", "hand", "ours-copy"]}
+        workloads["lm"] = {**spec, "contenders": ["ours", "hand", "ours-copy"]}
     if "peers" in selected and peer_list:
         workloads.setdefault("mlp", {**spec, "contenders": ["ours", "hand"]})["contenders"] += peer_list
         if not quick:  # the LM through the peers, with the loss they scale (per-micro-batch mean / K)
@@ -102,15 +102,16 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     benchmarks: dict[str, Any] = {}
     targets: list[Target] = []
 
-    def record(name: str, fn: Any) -> None:
+    def record(name: str, fn: Any, wall_s: float | None = None) -> None:
         t0 = time.perf_counter()
         try:
             result, tgts = fn()
         except Exception as e:  # noqa: BLE001 - one benchmark failing must not hide the others
             result, tgts = error_entry(name, e)
-        result["wall_s"] = round(time.perf_counter() - t0, 1)
-        benchmarks[name], _ = result, targets.extend(tgts)
-        log(f"benchmarks: {name} finished in {result['wall_s']} s")
+        result["wall_s"] = round(wall_s if wall_s is not None else time.perf_counter() - t0, 1)
+        benchmarks[name] = result
+        targets.extend(tgts)
+        log(f"benchmarks: {name}: {len(tgts)} target(s), {result['wall_s']} s")
 
     jobs: dict[str, Any] = {}
     if "overhead" in selected or ("peers" in selected and peer_list):
@@ -120,44 +121,40 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     if "microbatch" in selected:
         jobs["microbatch"] = cfg["microbatch"]
     raw: dict[str, Any] = {}
+    dist_error: Exception | None = None
     if jobs:
         log(f"benchmarks: one launch of 2 processes (gloo) for: {', '.join(jobs)}")
-        t0 = time.perf_counter()
         try:
             raw = run_distributed(jobs, args.quick, cfg["timeout_s"])
-        except Exception as e:  # noqa: BLE001
-            raw = {"error": e}
-        dist_s = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - reported for each benchmark of the launch
+            dist_error = e
 
-    def from_raw(job: str, summarize: Any) -> Any:
-        def fn() -> Any:
-            if "error" in raw:
-                raise raw["error"]
-            return summarize(raw[job])
+    def rank_figures(job: str) -> dict[str, Any]:
+        if dist_error is not None:
+            raise dist_error
+        return raw[job]
 
-        return fn
+    def job_wall(job: str) -> float | None:
+        return raw.get(job, {}).get("wall_s")
 
     if "overhead" in selected:
-        record("overhead", from_raw("training", overhead.summarize))
+        record("overhead", lambda: overhead.summarize(rank_figures("training")), job_wall("training"))
     if "peers" in selected:
         if peer_list:
-            record("peers", from_raw("training", lambda r: peers.summarize(r, peers_missing)))
+            record("peers", lambda: peers.summarize(rank_figures("training"), peers_missing), job_wall("training"))
         else:
             benchmarks["peers"] = {"skipped": peers_missing, "workloads": {}}
             log(f"benchmarks: peers skipped: {'; '.join(peers_missing.values())}")
     if "comm" in selected:
-        record("comm", from_raw("comm", comm.summarize))
-    if jobs:
-        log(f"benchmarks: distributed part took {dist_s:.1f} s")
+        record("comm", lambda: comm.summarize(rank_figures("comm")), job_wall("comm"))
     if "microbatch" in selected:
-        gb = cfg["microbatch"]["global_batch"]
-        trial = cfg["microbatch_trial_sizes"]
-        record(
-            "microbatch",
-            lambda: from_raw(
-                "microbatch", lambda r: microbatch.summarize(r, microbatch.auto_choice(gb, 2, trial and tuple(trial)))
-            )(),
-        )
+        gb, trial = cfg["microbatch"]["global_batch"], cfg["microbatch_trial_sizes"]
+
+        def microbatch_result() -> Any:
+            figures = rank_figures("microbatch")  # first: no trial processes after a failed launch
+            return microbatch.summarize(figures, microbatch.auto_choice(gb, 2, trial and tuple(trial)))
+
+        record("microbatch", microbatch_result)
     if "memory" in selected:
         record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
     if "launch" in selected:
@@ -201,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started,
         "quick": args.quick,
         "machine": info,
+        "source": source_state(),
         "wall_s": round(time.perf_counter() - t0, 1),
         **body,
         "targets": [t.to_dict() for t in targets],

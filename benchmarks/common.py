@@ -103,6 +103,20 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether the trainers or launcher had uncommitted edits."""
+
+    def git(*args: str) -> str:
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "trainers", "launcher", "benchmarks", "examples")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": [line[3:] for line in dirty.splitlines()]}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

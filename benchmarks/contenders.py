@@ -289,6 +289,10 @@ class LightningRunner(Contender):
 def make_contender(name: str, task: Task, plan: BatchPlan, rank: int) -> Contender:
     if name == "ours":
         return Ours(task, plan)
+    if name == "ours-copy":  # an identical second contender: the A/A ratio is the noise floor
+        copy = Ours(task, plan)
+        copy.name = name
+        return copy
     if name == "naive":
         return Ours(task, plan, sync_every_micro_step=True)
     if name == "hand":

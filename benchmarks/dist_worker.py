@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     cfg = json.loads(Path(args.config).read_text())
+    # stdout belongs to the driver's table: whatever a library prints goes to stderr
+    os.dup2(2, 1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     from trainers.distributed import init_distributed, shutdown
 

@@ -112,6 +112,10 @@ def run(cfg: dict[str, Any], device_type: str = "cuda") -> dict[str, Any]:
                     len(task.dataset[i]) - 1 for _ in range(cfg["steps"]) for ix in counter.next_indices() for i in ix
                 )
             tokens_per_s[name].append(block_tokens / seconds)
+    from benchmarks.workloads import max_weight_diff
+
+    # Same work? Reported, not a target: bf16 kernels may differ in round-off between calls.
+    _abs, rel = max_weight_diff(contenders["hand"].model, contenders["ours"].trainer.module)
     props = torch.cuda.get_device_properties(device) if device_type == "cuda" else None
     return {
         "device": props.name if props else device_type,
@@ -122,6 +126,7 @@ def run(cfg: dict[str, Any], device_type: str = "cuda") -> dict[str, Any]:
         "parameters": sum(p.numel() for p in contenders["ours"].trainer.module.parameters()),
         "plan": plan.to_dict(),
         "tokens_per_s": tokens_per_s,
+        "max_rel_weight_diff_hand_vs_ours": rel,
         "reps": cfg["reps"],
         "warmup": cfg["warmup"],
         "steps": cfg["steps"],

@@ -82,6 +82,10 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
         w = raw[workload]
         entry = {"task": w["task"], "parameters": w["parameters"], "plan": w["plan"], **compare(w, "hand")}
         entry["allreduce_rounds_per_step_ours"] = w["allreduce_rounds_per_step_ours"]
+        if "ours-copy" in w["ms_per_step"]:
+            # A/A: ours against an identical copy of itself, measured the same way. Its spread
+            # is the resolution of this run: smaller differences are noise.
+            entry["noise_floor"] = paired_ratios(w["ms_per_step"]["ours"], w["ms_per_step"]["ours-copy"])
         result["workloads"][workload] = entry
         targets.append(
             Target(

@@ -33,6 +33,11 @@ def markdown(results: dict[str, Any]) -> str:
         rows.append(
             [workload, "hand loop", _ratio(e["ratio"]), _spread(e["ratio"]), _ms(e["ms_ours"]), _ms(e["ms_hand"])]
         )
+        if "noise_floor" in e:
+            nf = e["noise_floor"]
+            rows.append(
+                [workload, "ours, identical copy (noise floor)", _ratio(nf), _spread(nf), _ms(e["ms_ours"]), ""]
+            )
     for workload, peers in b.get("peers", {}).get("workloads", {}).items():
         for peer, e in peers.items():
             rows.append(
@@ -44,7 +49,7 @@ def markdown(results: dict[str, Any]) -> str:
         out.append("")
     if "comm" in b and "per_k" in b["comm"]:
         rows = []
-        for k, e in b["comm"]["per_k"].items():
+        for k, e in sorted(b["comm"]["per_k"].items(), key=lambda item: int(item[0])):
             o, n = e["ours"], e["naive"]
             rows.append(
                 [
@@ -94,7 +99,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ("auto" if int(m) == auto["micro_batch_size"] else "")
                 + (" fastest" if int(m) == mb.get("fastest_fitting") else ""),
             ]
-            for m, s in mb["ms_per_step"].items()
+            for m, s in sorted(mb["ms_per_step"].items(), key=lambda item: int(item[0]))
         ]
         out.append(
             f"Time per optimizer step at global batch {mb['global_batch']} across micro-batch sizes ({mb['task']}):\n"
@@ -183,7 +188,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
             ax.set_ylabel("ms per optimizer step (median, min–max)")
         save(fig, "training.png")
     if "comm" in b and "per_k" in b["comm"]:
-        ks = list(b["comm"]["per_k"])
+        ks = sorted(b["comm"]["per_k"], key=int)
         per = b["comm"]["per_k"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
         for name, style in (("ours", "o-"), ("naive", "s--")):
@@ -221,7 +226,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         save(fig, "memory.png")
     if "microbatch" in b and "ms_per_step" in b["microbatch"]:
         mb = b["microbatch"]
-        sizes = [int(m) for m in mb["ms_per_step"]]
+        sizes = sorted(int(m) for m in mb["ms_per_step"])
         s = [mb["ms_per_step"][str(m)] for m in sizes]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         ax.errorbar(
