@@ -14,7 +14,7 @@ import dataclasses
 import re
 
 from launcher.errors import UserError
-from launcher.plan import BatchPlan, PlanError
+from launcher.plan import BatchPlan, PlanError, _divisors
 
 
 class RampError(UserError):
@@ -82,10 +82,15 @@ class BatchRamp:
 
     # ----------------------------------------------------------------- queries
     def _plan_for_global(self, g: int) -> BatchPlan:
+        """The stage's plan: the final micro-batch where it divides, else the largest below it."""
+        dp = self.final.data_parallel_size
         try:
+            if g % dp:
+                raise PlanError(f"global batch {g} is not divisible by data-parallel {dp}")
+            micro = max(d for d in _divisors(g // dp) if d <= self.final.micro_batch_size)
             return BatchPlan.solve(
                 g,
-                self.final.micro_batch_size,
+                micro,
                 world_size=self.final.world_size,
                 model_parallel_size=self.final.model_parallel_size,
                 precision=self.final.precision,

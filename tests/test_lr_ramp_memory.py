@@ -100,7 +100,7 @@ def test_ramp_consumes_exactly_the_scheduled_samples_and_resumes_mid_ramp():
     "spec, fragment",
     [
         ("12:16:300", "does not reach the global batch 64"),
-        ("16,20@100,64@200", "ramp stage with global batch 20 is not a valid plan"),
+        ("16,18@100,64@200", "ramp stage with global batch 18 is not a valid plan"),
         ("16,32", "cannot read batch ramp"),
         ("16,32@50,64@20", "increasing sample counts"),
         ("16,32@50", "ends at global batch 32"),

@@ -90,6 +90,12 @@ class AccumulationHooks:
                      the accumulated gradients once after the last micro-step (the fp32
                      accumulator of low-precision parameters: see trainers/precision.py)
     progress:        progress(micro_step or None, phase), for the hang watchdog; cheap
+    agree_oom:       when set (the trainer's OOM fallback), an out-of-memory error in a
+                     micro-step is caught, every rank learns of it through agree_oom(flag) ->
+                     any rank ran out (one tiny all-reduce before each micro-step and one
+                     after the last, so all ranks stop at the same point), and the step
+                     raises MicroBatchOutOfMemory before any gradient is reduced or applied.
+                     Needs reduce_gradients, so that no backward syncs by itself.
     """
 
     step: Callable[[], float | torch.Tensor | None]
@@ -100,6 +106,11 @@ class AccumulationHooks:
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
     reduce_gradients: Callable[[], None] | None = None
     progress: Callable[[int | None, str], None] = _no_progress
+    agree_oom: Callable[[bool], bool] | None = None
+
+
+class MicroBatchOutOfMemory(RuntimeError):
+    """Some rank ran out of memory in a micro-step; no rank reduced or applied gradients."""
 
 
 def gradient_scaler(parameters: Iterable[torch.nn.Parameter]) -> Callable[[float], None]:
@@ -187,26 +198,37 @@ def accumulation_step(
     # [sum of loss numerators, sum of counts] on this rank, detached, never synced per micro-step
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     mode = None
+    if hooks.agree_oom is not None and hooks.reduce_gradients is None:
+        raise ValueError("agree_oom needs reduce_gradients: no backward may sync gradients by itself")
+    out_of_memory = False
     for i, mb in enumerate(micro_batches):
+        if hooks.agree_oom is not None and hooks.agree_oom(out_of_memory):
+            raise MicroBatchOutOfMemory(f"out of memory before micro-step {i + 1} of {k}")
         sync = i == k - 1 and hooks.reduce_gradients is None
-        with hooks.no_sync() if not sync else nullcontext():
-            hooks.progress(i, "forward")
-            with hooks.autocast():
-                loss, count, this_mode = split_loss(loss_fn(model, mb.batch))
-            if mode is None:
-                mode = this_mode
-            elif this_mode != mode:
-                raise TypeError("the loss returned a scalar on one micro-batch and a (sum, count) pair on another")
-            if mb.items == 0:
-                weight = 0.0  # filler: joins the collectives, contributes nothing
-            elif mode == MEAN:
-                weight = 1.0 / k
-            elif pre_scale is not None:
-                weight = pre_scale
-            else:
-                weight = 1.0  # raw sums; the gradients are scaled at the boundary
-            hooks.progress(i, "backward")
-            hooks.backward(loss * weight)
+        try:
+            with hooks.no_sync() if not sync else nullcontext():
+                hooks.progress(i, "forward")
+                with hooks.autocast():
+                    loss, count, this_mode = split_loss(loss_fn(model, mb.batch))
+                if mode is None:
+                    mode = this_mode
+                elif this_mode != mode:
+                    raise TypeError("the loss returned a scalar on one micro-batch and a (sum, count) pair on another")
+                if mb.items == 0:
+                    weight = 0.0  # filler: joins the collectives, contributes nothing
+                elif mode == MEAN:
+                    weight = 1.0 / k
+                elif pre_scale is not None:
+                    weight = pre_scale
+                else:
+                    weight = 1.0  # raw sums; the gradients are scaled at the boundary
+                hooks.progress(i, "backward")
+                hooks.backward(loss * weight)
+        except torch.OutOfMemoryError:
+            if hooks.agree_oom is None:
+                raise
+            out_of_memory, loss = True, None  # drop the graph; the others learn of it next
+            continue
         if mb.items > 0:
             if mode == MEAN:
                 stats[0] += loss.detach().double() * mb.items
@@ -215,6 +237,8 @@ def accumulation_step(
                 stats[0] += loss.detach().double()
                 stats[1] += torch.as_tensor(count, dtype=torch.float64, device=stats.device)
 
+    if hooks.agree_oom is not None and hooks.agree_oom(out_of_memory):
+        raise MicroBatchOutOfMemory(f"out of memory in the last of {k} micro-steps")
     if hooks.reduce_gradients is not None:
         hooks.progress(None, "reduce")
         hooks.reduce_gradients()

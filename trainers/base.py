@@ -19,7 +19,14 @@ import torch
 from torch.utils.data import default_collate
 
 from launcher.plan import BatchPlan
-from trainers.accumulate import MEAN, AccumulationHooks, MicroBatch, StepMetrics, accumulation_step
+from trainers.accumulate import (
+    MEAN,
+    AccumulationHooks,
+    MicroBatch,
+    MicroBatchOutOfMemory,
+    StepMetrics,
+    accumulation_step,
+)
 from trainers.precision import MixedPrecision, resolve_precision
 from trainers.sampler import GlobalBatchSampler
 
@@ -62,6 +69,9 @@ def batch_items(batch: Any) -> int:
 
 class BaseTrainer:
     """The train loop over a GlobalBatchSampler; subclasses say how to sync and step."""
+
+    #: whether the micro-batch / global batch may change between steps (OOM fallback, ramps)
+    _supports_plan_change = False
 
     def __init__(
         self,
@@ -116,6 +126,11 @@ class BaseTrainer:
         self.stop_agreement = False  # all-reduce stop requests at each step (set by install_stop_handlers)
         self.stopped = False  # train() ended early on request_checkpoint_and_stop()
         self._stop_requested = False
+        # plan changes between steps (trainers/batching.py): OOM fallback, batch ramp
+        self.oom_fallback = False
+        self.oom_events: list[tuple[int, int, int]] = []  # (step, old micro, new micro)
+        self.batch_ramp: Any = None
+        self.lr_scaling: Any = "linear"  # rule for a new global batch: ramp stages, resumes
         self.sampler = (
             GlobalBatchSampler(len(dataset), plan, dp_rank, seed=seed, shuffle=shuffle, drop_last=drop_last)
             if dataset is not None
@@ -147,6 +162,13 @@ class BaseTrainer:
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer is not None else None
         self._before_step()
         hooks = self._hooks()
+        if self.oom_fallback:
+            # Every micro-step in no_sync, OOM agreed across ranks, gradients reduced after.
+            from trainers.batching import agree_any, all_reduce_gradient_mean
+
+            hooks.agree_oom = agree_any(hooks.all_reduce_sum, self.device)
+            if hooks.reduce_gradients is None:
+                hooks.reduce_gradients = lambda: all_reduce_gradient_mean(self)
         if self.watchdog is not None:
             step_no, watchdog = self.global_step + 1, self.watchdog.start()
             hooks.progress = lambda micro, phase: watchdog.progress(step_no, micro, phase, k)
@@ -224,8 +246,18 @@ class BaseTrainer:
         for _ in range(steps):
             if self.watchdog is not None:
                 self.watchdog.progress(self.global_step + 1, None, "data")
-            micro = [self.micro_batch(ix) for ix in self.sampler.next_step()]
-            metrics = self.step(micro)
+            if self.batch_ramp is not None:
+                self._follow_ramp()
+            micro_indices = self.sampler.next_step()
+            while True:
+                try:
+                    metrics = self.step([self.micro_batch(ix) for ix in micro_indices])
+                    break
+                except MicroBatchOutOfMemory:
+                    from trainers.batching import shrink_after_oom
+
+                    shrink_after_oom(self)  # same global batch, cut into smaller micro-batches
+                    micro_indices = self.sampler.split(self.sampler.last_global_batch)[self.dp_rank]
             history.append(metrics)
             if self.log_every and metrics.step % self.log_every == 0:
                 self.log(
@@ -277,6 +309,37 @@ class BaseTrainer:
             self.amp.load_state_dict(state["precision"])  # the fp16 loss scale goes on where it was
         self.skipped_steps = list(state.get("skipped_steps", []))
 
+    # ------------------------------------------------- plan changes between steps
+    # The logic lives in trainers/batching.py.
+    def enable_oom_fallback(self) -> None:
+        """On out-of-memory in a micro-step, halve the micro-batch, double the accumulation
+        and retry the step: the global batch and the weights stay exactly the same. Costs
+        one tiny all-reduce per micro-step (every rank must learn of an OOM)."""
+        from trainers.batching import enable_oom_fallback
+
+        enable_oom_fallback(self)
+
+    def set_plan(self, plan: BatchPlan, lr_scaling: Any = None) -> None:
+        """Use `plan` (same world size) from the next step on; a new global batch rescales
+        the learning rate by `lr_scaling` (default: `self.lr_scaling`, linear)."""
+        from trainers.batching import set_plan
+
+        set_plan(self, plan, lr_scaling)
+
+    def set_batch_ramp(self, ramp: Any, lr_scaling: Any = None) -> None:
+        """Follow a launcher.ramp.BatchRamp (or its spec, e.g. "8,16@64,32@192") by samples consumed."""
+        from trainers.batching import set_batch_ramp
+
+        set_batch_ramp(self, ramp, lr_scaling)
+
+    def _follow_ramp(self) -> None:
+        from trainers.batching import follow_ramp
+
+        follow_ramp(self)
+
+    def _count_gradient_round(self) -> None:
+        """A gradient all-reduce done outside the framework's own hooks (trainers count rounds)."""
+
     # --------------------------------------------------------------- checkpoints
     # The logic lives in trainers/resume.py; these are the trainer's public face.
     def save(self, root: str | os.PathLike[str] | None = None) -> Path:
@@ -285,13 +348,14 @@ class BaseTrainer:
 
         return save_trainer(self, root)
 
-    def resume(self, path_or_root: str | os.PathLike[str], lr_scaling: Any = "linear") -> Path | None:
+    def resume(self, path_or_root: str | os.PathLike[str], lr_scaling: Any = None) -> Path | None:
         """Load a checkpoint (a step_N dir, a root: its newest complete one, or "auto":
         `checkpoint_dir`'s newest, None if there is none yet). Another world size is fine;
-        another global batch rescales the learning rate by `lr_scaling` (an LRRule or a rule name)."""
+        another global batch rescales the learning rate by `lr_scaling` (an LRRule or a rule
+        name; default `self.lr_scaling`, linear, the rule a batch ramp also uses)."""
         from trainers.resume import resume_trainer
 
-        return resume_trainer(self, path_or_root, lr_scaling)
+        return resume_trainer(self, path_or_root, self.lr_scaling if lr_scaling is None else lr_scaling)
 
     def request_checkpoint_and_stop(self) -> None:
         """Ask train() to checkpoint after the current step and return. Safe in a signal

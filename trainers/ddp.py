@@ -54,6 +54,8 @@ class DDPTrainer(BaseTrainer):
     exists only to demonstrate and benchmark the difference.
     """
 
+    _supports_plan_change = True
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -180,6 +182,9 @@ class DDPTrainer(BaseTrainer):
         # round (every backward ran in no_sync, so the comm hook does not count it).
         self.rounds.rounds += 1
         self.amp.reduce_gradients()
+
+    def _count_gradient_round(self) -> None:
+        self.rounds.rounds += 1
 
     def _before_step(self) -> None:
         self.rounds.rounds = 0

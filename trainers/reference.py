@@ -31,6 +31,8 @@ def reference_plan(plan_or_global_batch: BatchPlan | int) -> BatchPlan:
 class ReferenceTrainer(BaseTrainer):
     """Single device: `plan` may be the distributed plan (only its global batch size is used)."""
 
+    _supports_plan_change = True
+
     def __init__(
         self,
         model: torch.nn.Module,
