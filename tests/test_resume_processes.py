@@ -153,45 +153,34 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_finishes_equal(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_sigusr1_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, uninterrupted):
+@pytest.mark.timeout(300)
+def test_sigusr1_on_one_rank_then_resume_at_1_then_3_processes(tmp_path, uninterrupted):
+    """SIGUSR1 to rank 1 only stops both ranks after the same step (one checkpoint, exit 0);
+    the run then continues at 1 process, then at 3, keeping the global batch (2 -> 1 -> 3)."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    args = [*TRAIN, SLOW_MLP, f"--steps={STEPS}", f"--checkpoint-dir={ckpt}", "--resume=auto", f"--output={out}"]
-    job = Run(torchrun(2, *args), tmp_path / "job")
+    args = [*TRAIN, f"--checkpoint-dir={ckpt}", "--resume=auto"]
+    job = Run(torchrun(2, *args, SLOW_MLP, f"--steps={STEPS}"), tmp_path / "job")
     job.wait_for(lambda: "step 2 " in job.out.read_text())
     (rank1,) = [p for p in job.workers() if p.environ().get("RANK") == "1"]
     rank1.send_signal(signal.SIGUSR1)  # rank 0 is not told: the step-boundary all-reduce tells it
     assert job.proc.wait(timeout=120) == 0, job.err.read_text()
     stopped = int(job.err.read_text().split("stopped after step ")[1].split()[0])
-    assert 2 <= stopped < STEPS
-    # one checkpoint, written by both ranks together, exactly at the step they stopped after
+    assert 2 <= stopped <= 6, "the stop took too long to arrive"
+    # one checkpoint (no --checkpoint-every), written by both ranks together after that step
     assert [p.name for p in list_checkpoints(ckpt)] == [step_dir_name(stopped)]
-    assert max(losses(job.out.read_text())) == stopped and not out.exists()
+    assert max(losses(job.out.read_text())) == stopped
 
-    again = run(torchrun(2, *args))
-    assert again.returncode == 0, again.stderr
-    assert min(losses(again.stdout)) == stopped + 1
-    assert_equal(uninterrupted[0], load(out))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_resume_2_to_1_to_3_processes_keeps_the_global_batch(tmp_path, uninterrupted):
-    ckpt, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    args = [*TRAIN, MLP, f"--checkpoint-dir={ckpt}", "--checkpoint-every=1", "--keep-last=2", "--resume=auto"]
-    parts = [
-        run(torchrun(2, *args, "--steps=3")),
-        run([sys.executable, *args, "--steps=6"]),  # one plain process
-        run(torchrun(3, *args, f"--steps={STEPS}", f"--output={out}")),
-    ]
-    for r in parts:
+    args += [MLP, "--checkpoint-every=1", "--keep-last=2"]
+    one = run([sys.executable, *args, f"--steps={stopped + 2}"])  # one plain process
+    three = run(torchrun(3, *args, f"--steps={STEPS}", f"--output={out}"))
+    for r in (one, three):
         assert r.returncode == 0, r.stderr
-    assert "accumulation 3 × data-parallel 2 at world size 2 -> global 12 = micro 2 × accumulation 6" in parts[1].stderr
-    assert "accumulation 6 × data-parallel 1 at world size 1 -> global 12 = micro 2 × accumulation 2" in parts[2].stderr
+    assert "accumulation 3 × data-parallel 2 at world size 2 -> global 12 = micro 2 × accumulation 6" in one.stderr
+    assert "accumulation 6 × data-parallel 1 at world size 1 -> global 12 = micro 2 × accumulation 2" in three.stderr
     manifest = json.loads((ckpt / step_dir_name(STEPS) / "manifest.json").read_text())
     assert manifest["world_size"] == 3 and manifest["plan"]["gradient_accumulation_steps"] == 2
     # every step's loss as in the uninterrupted run, and the final weights
-    seen = {**losses(parts[0].stdout), **losses(parts[1].stdout), **losses(parts[2].stdout)}
+    seen = {**losses(job.out.read_text()), **losses(one.stdout), **losses(three.stdout)}
     assert sorted(seen) == list(range(1, STEPS + 1))
     assert all(abs(seen[s] - uninterrupted[1][s]) <= 1e-6 * abs(uninterrupted[1][s]) for s in seen)
     assert max_rel_diff(uninterrupted[0], load(out)) <= 1e-6
