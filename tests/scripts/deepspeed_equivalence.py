@@ -3,9 +3,10 @@
     torchrun --nproc-per-node 2 tests/scripts/deepspeed_equivalence.py \
         --case 0:trainers.example:mlp_task:4 [--case STAGE:TASK:K[:M] ...] --steps 3 --output FILE.pt
 
-A case is STAGE:TASK:K[:M[:PRECISION[:offload]]]: the ZeRO stage, the task (MODULE:FUNCTION),
-K accumulation steps, micro-batch size M (default 2), precision (default fp32), and
-`offload` for ZeRO-Offload of the optimizer to the CPU; each case gets its own engine. The
+A case is STAGE:TASK:K[:M[:PRECISION[:OPTION]]]: the ZeRO stage, the task (MODULE:FUNCTION),
+K accumulation steps, micro-batch size M (default 2), precision (default fp32), and OPTION
+`offload` (ZeRO-Offload of the optimizer to the CPU) or `resume` (checkpoint after step 1,
+resume in a fresh engine); each case gets its own engine. The
 states saved are the fp32 master weights (`fp32_state_dict`); a UserError raised while
 training (the same on every rank) is saved as the case's `error`. Every
 rank trains each case with collective counting, without shuffling; rank 0 saves, per case,
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from launcher.errors import UserError
@@ -30,36 +31,46 @@ from trainers.task import load_task
 from trainers.worker import save_atomic
 
 
-def run_case(spec: str, steps: int, world: int) -> dict:
+def run_case(spec: str, steps: int, world: int, checkpoints: Path) -> dict:
     parts = spec.split(":")
     stage, task_name, k = int(parts[0]), ":".join(parts[1:3]), int(parts[3])
     micro = int(parts[4]) if len(parts) > 4 else 2
     precision = parts[5] if len(parts) > 5 else "fp32"
-    offload = len(parts) > 6 and parts[6] == "offload"
-    ds_config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}} if offload else None
-    if offload:  # keep the task's torch optimizer: DeepSpeed would swap in its compiled CPU Adam
-        ds_config["zero_force_ds_cpu_optimizer"] = False
+    option = parts[6] if len(parts) > 6 else None
+    ds_config = None
+    if option == "offload":  # keep the task's torch optimizer: DeepSpeed would swap in its compiled CPU Adam
+        ds_config = {
+            "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+        }
     plan = BatchPlan.solve(micro_batch_size=micro, gradient_accumulation_steps=k, world_size=world)
-    trainer = DeepSpeedTrainer.from_task(
-        load_task(task_name),
-        plan,
-        zero_stage=stage,
-        ds_config=ds_config,
-        precision=precision,
-        shuffle=False,
-        count_collectives=True,
-        log=False,
-    )
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return trainer.fp32_state_dict()  # collective at ZeRO 1/2 in 16 bits: every rank calls it
+    def build() -> DeepSpeedTrainer:
+        return DeepSpeedTrainer.from_task(
+            load_task(task_name),
+            plan,
+            zero_stage=stage,
+            ds_config=ds_config,
+            precision=precision,
+            shuffle=False,
+            count_collectives=True,
+            log=False,
+        )
 
-    states, metrics, error = [snapshot()], [], None
+    trainer = build()
+    # every rank calls it: at ZeRO 1/2 in 16 bits it gathers the partitions
+    states, metrics, error = [trainer.fp32_state_dict()], [], None
     try:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             (m,) = trainer.train(1)
-            states.append(snapshot())
+            states.append(trainer.fp32_state_dict())
             metrics.append({**m.to_dict(), "calls": dict(trainer.last_collective_calls)})
+            if option == "resume" and step == 1:
+                # checkpoint through DeepSpeed's own files, then a fresh engine resumes from it
+                trainer.save(checkpoints / spec.replace(":", "_"))
+                trainer.close()
+                trainer = build()
+                trainer.resume(checkpoints / spec.replace(":", "_"))
     except UserError as e:
         error = str(e)
     finally:
@@ -83,7 +94,8 @@ def main() -> int:
     p.add_argument("--output", required=True)
     args = p.parse_args()
     info = init_distributed()
-    results = [run_case(spec, args.steps, info.world_size) for spec in args.case]
+    checkpoints = Path(args.output).parent / "checkpoints"
+    results = [run_case(spec, args.steps, info.world_size, checkpoints) for spec in args.case]
     if dist.get_rank() == 0:
         save_atomic({case["case"]: case for case in results}, args.output)
     shutdown(barrier=True)
