@@ -317,6 +317,32 @@ def test_verify_flag_combinations_that_cannot_work_exit_2(tmp_path, args, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "optimizer, ds_config, kwargs, message",
+    [
+        (None, None, {}, "not neither"),
+        ("sgd", {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, {}, "not both"),
+        ("sgd", {"scheduler": {"type": "WarmupLR"}}, {"scheduler": lambda opt: None}, 'defines "scheduler" too'),
+        ("sgd", {"train_batch_size": 32}, {}, "train_batch_size=32 but the plan has global_batch_size=16"),
+        ("sgd", {"zero_optimization": {"stage": 3}}, {}, "stages 0, 1 and 2"),
+        ("sgd", None, {"zero_stage": 1, "ds_config": {"zero_optimization": {"stage": 2}}}, "give one of them"),
+    ],
+)
+def test_constructor_refuses_conflicting_settings_before_any_process_group(optimizer, ds_config, kwargs, message):
+    import torch.distributed as dist
+
+    from launcher.errors import UserError
+    from trainers.deepspeed_trainer import DeepSpeedTrainer
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer == "sgd" else None
+    kwargs = {"ds_config": ds_config, **kwargs}
+    with pytest.raises(UserError) as info:
+        DeepSpeedTrainer(model, opt, BatchPlan.solve(16, 2, world_size=2), lambda m, b: m(b).sum(), **kwargs)
+    assert message in str(info.value)
+    assert not dist.is_initialized()
+
+
 # ------------------------------------------------------------------ pure functions
 def test_engine_mismatches_names_both_values():
     plan = BatchPlan.solve(16, 2, world_size=2)

@@ -182,7 +182,8 @@ class DeepSpeedTrainer(BaseTrainer):
     `optimizer` is a torch optimizer over `model`'s parameters, a factory
     `optimizer(parameters)`, or None when `ds_config` defines one (a config-defined Adam
     compiles DeepSpeed's fused_adam on first use). `scheduler` is an LR scheduler or a
-    factory `scheduler(optimizer)`; the engine steps it once per optimizer step.
+    factory `scheduler(optimizer)` (or None, or defined in `ds_config`); the engine steps it
+    once per optimizer step.
     `ds_config` is a user's DeepSpeed JSON (dict or path) merged under the plan: its batch
     keys must agree with the plan, and its ZeRO stage with `zero_stage`.
     `clip_grad_norm` is written into the config as `gradient_clipping` (0.0, i.e. off, when
@@ -233,16 +234,20 @@ class DeepSpeedTrainer(BaseTrainer):
             raise UserError(
                 f"DeepSpeedTrainer supports ZeRO stages 0, 1 and 2; the config asks for {config['zero_optimization']['stage']}"
             )
+        if (optimizer is None) == ("optimizer" not in config):
+            raise UserError(
+                "DeepSpeedTrainer needs exactly one optimizer: pass one (or a factory) or define "
+                f'"optimizer" in the DeepSpeed config, not {"both" if optimizer is not None else "neither"}'
+            )
+        if scheduler is not None and "scheduler" in config:
+            raise UserError('an LR scheduler was passed and the DeepSpeed config defines "scheduler" too: give one')
         deepspeed = import_deepspeed()
         # our launcher detection and world-size check first; DeepSpeed then adopts the group
         info = init_distributed(plan, backend, collective_timeout=collective_timeout)
         model.to(info.device)
         if optimizer is not None and not _is_optimizer(optimizer):
             optimizer = optimizer(model.parameters())
-        if optimizer is None and "optimizer" not in config:
-            raise UserError("DeepSpeedTrainer needs an optimizer: pass one (or a factory), or define it in ds_config")
-        if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
-            scheduler = scheduler(optimizer)
+        # A scheduler factory is DeepSpeed's own convention: it calls it with the optimizer it steps.
         engine, _, _, engine_scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
