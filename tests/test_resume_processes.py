@@ -72,11 +72,11 @@ class Run:
 
     def kill(self) -> None:
         """SIGKILL torchrun's agent and every worker at once: nobody cleans anything up."""
-        victims = [psutil.Process(self.proc.pid), *self.workers()]
-        for p in victims:
+        workers = self.workers()
+        for p in [psutil.Process(self.proc.pid), *workers]:
             p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(victims, timeout=30)
-        self.proc.wait()
+        psutil.wait_procs(workers, timeout=30)  # not the agent: Popen must reap its own child
+        assert self.proc.wait() == -signal.SIGKILL
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:

@@ -46,21 +46,23 @@ def _kill_tree(argv: Sequence[str]) -> int:
     """SIGKILL the child running `argv` (torchrun's agent) and all its descendants; how many."""
     import psutil
 
-    me = psutil.Process()
-    victims = []
-    for child in me.children():
+    agents, workers = [], []
+    for child in psutil.Process().children():
         try:
             if child.cmdline() == list(argv):
-                victims += [child, *child.children(recursive=True)]
+                agents.append(child)
+                workers += child.children(recursive=True)
         except psutil.NoSuchProcess:
             continue
-    for proc in victims:  # the agent first: it must not react to its workers' deaths
+    for proc in agents + workers:  # the agent first: it must not react to its workers' deaths
         try:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=30)
-    return len(victims)
+    # Wait for the workers only: waiting on the agent, our own child, would reap it here and
+    # Popen.wait in run_command would then report status 0 instead of the SIGKILL.
+    psutil.wait_procs(workers, timeout=30)
+    return len(agents) + len(workers)
 
 
 def kill_when_held(marker: Path, log: Callable[[str], None]) -> Callable[..., int]:
