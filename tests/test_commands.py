@@ -261,3 +261,12 @@ def test_launch_errors_exit_2_with_a_message(flags, message, capsys, tmp_path, m
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists(), "nothing is written when the launch is refused"
+
+
+def test_torchrun_with_restarts_gets_a_fresh_store_per_attempt():
+    r = run_cli(
+        "launch", "--launcher", "torchrun", "--global-batch-size", "8", "--micro-batch-size", "2",
+        "--nproc-per-node", "2", "--max-restarts", "2", "--dry-run", "--", "examples/train.py",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stdout and "--max-restarts 2" in r.stdout

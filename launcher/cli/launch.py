@@ -270,6 +270,10 @@ def run(args: argparse.Namespace) -> int:
         env["MASTER_ADDR"] = master_addr
     if port is not None and args.launcher in ("mpirun", "srun", "local", "deepspeed"):
         env["MASTER_PORT"] = str(port)
+    if args.launcher == "torchrun" and args.max_restarts:
+        # torch 2.13: restarted workers otherwise share the failed attempt's store and can
+        # read dead workers' addresses ("Gloo connectFullMesh failed", 2 of 4 restarts here).
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     argv = _build_argv(args, script, script_args, world, high, resources, master_addr, port, single_host, env, run_dir)
 
     info(f"gradaccum launch: {args.launcher}, world size {world}")
