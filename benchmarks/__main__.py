@@ -26,18 +26,19 @@ NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
-    "training": {"reps": 14, "warmup": 1, "steps": 4, "micro": 4, "k": 4},
-    "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "reps": 5, "warmup": 1, "steps": 2},
-    "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "reps": 5, "warmup": 1, "steps": 3},
+    # warmup: rounds dropped; steps: rounds timed (each contender takes one optimizer step per round)
+    "training": {"warmup": 2, "steps": 60, "micro": 4, "k": 4},
+    "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "warmup": 2, "steps": 20},
+    "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "warmup": 2, "steps": 20},
     "microbatch_trial_sizes": None,  # autobatch's defaults
     "memory": {"ks": [1, 2, 4, 8, 16], "micro": 32, "reps": 2},
     "launch": {"reps": 5, "first_step_reps": 3},
     "timeout_s": 540,
 }
 QUICK = {
-    "training": {"reps": 2, "warmup": 1, "steps": 1, "micro": 2, "k": 2},
-    "comm": {"workload": "mlp", "micro": 2, "ks": [1, 2], "count_steps": 1, "reps": 2, "warmup": 1, "steps": 1},
-    "microbatch": {"global_batch": 8, "sizes": [1, 2, 4], "reps": 2, "warmup": 1, "steps": 1},
+    "training": {"warmup": 1, "steps": 3, "micro": 2, "k": 2},
+    "comm": {"workload": "mlp", "micro": 2, "ks": [1, 2], "count_steps": 1, "warmup": 1, "steps": 3},
+    "microbatch": {"global_batch": 8, "sizes": [1, 2, 4], "warmup": 1, "steps": 3},
     "microbatch_trial_sizes": [1, 2],
     "memory": {"ks": [1, 2], "micro": 4, "reps": 1},
     "launch": {"reps": 1, "first_step_reps": 0},  # 0: six torch imports saved; the full run does it
@@ -74,7 +75,7 @@ def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[st
         workloads.setdefault("mlp", {**spec, "contenders": ["ours", "hand"]})["contenders"] += peer_list
         if not quick:  # the LM through the peers, with the loss they scale (per-micro-batch mean / K)
             workloads["lm-mean"] = {**spec, "contenders": ["ours", "hand", *peer_list]}
-    return {"workloads": workloads, "reps": t["reps"], "warmup": t["warmup"], "steps": t["steps"]}
+    return {"workloads": workloads, "warmup": t["warmup"], "steps": t["steps"]}
 
 
 def run_distributed(jobs: dict[str, Any], quick: bool, timeout: float) -> dict[str, Any]:
@@ -175,9 +176,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any] | None:
             file=sys.stderr,
         )
         return None
-    cfg = {"micro": 16, "k": 4, "reps": 7, "warmup": 3, "steps": 10}
+    cfg = {"micro": 16, "k": 4, "warmup": 5, "steps": 60}
     if args.quick:
-        cfg = {"micro": 4, "k": 2, "reps": 2, "warmup": 1, "steps": 2}
+        cfg = {"micro": 4, "k": 2, "warmup": 1, "steps": 3}
     result, targets = gpu.summarize(gpu.run(cfg))
     return {"benchmarks": {"gpu": result}, "targets": targets, "config": cfg, "selected": ["gpu"]}
 

@@ -6,7 +6,7 @@ Rounds come from DDPTrainer's own counter (a DDP comm hook); calls and bytes fro
 around `torch.distributed.all_reduce`, which DDP's Python comm hook and the trainer's count
 all-reduce both go through. Gradient buckets are float32 like the parameters; the trainer's
 loss/count all-reduces are float64 and a few bytes. Counting runs first, untimed; then the
-two loops take turns in timed blocks. The Accelerate docs report 0.91 s vs 2.00 s per step
+two loops take turns, one timed optimizer step each. The Accelerate docs report 0.91 s vs 2.00 s per step
 for no_sync vs none on their setup; this reports ours.
 """
 
@@ -72,7 +72,7 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
                     c.train_steps(1)
                 per_step.append({"gradient_rounds": c.last_metrics.allreduce_rounds, **tally.split(dtype)})
             counted[name] = per_step
-        ms = ctx.interleave(contenders, cfg["reps"], cfg["warmup"], cfg["steps"])
+        ms = ctx.interleave(contenders, cfg["warmup"], cfg["steps"])
         out["per_k"][str(k)] = {
             "plan": plan.to_dict(),
             "counted_steps": counted,
@@ -82,7 +82,7 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         out["parameters"] = parameter_count(contenders["ours"].module)
         del contenders, params
         gc.collect()
-    out.update(reps=cfg["reps"], warmup=cfg["warmup"], steps=cfg["steps"])
+    out.update(warmup=cfg["warmup"], steps=cfg["steps"])
     return out
 
 
@@ -110,5 +110,5 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
             )
         )
     result = {"task": raw["task"], "parameters": raw.get("parameters"), "per_k": per_k}
-    result.update(reps=raw["reps"], warmup=raw["warmup"], steps=raw["steps"])
+    result.update(warmup=raw["warmup"], steps=raw["steps"])
     return result, targets

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -55,10 +56,12 @@ def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> d
     return summary([a / b for a, b in zip(numerator, denominator, strict=True)])
 
 
-def rotated(names: Sequence[str], rep: int) -> list[str]:
-    """The order of the contenders in repetition `rep`: each goes first equally often."""
-    shift = rep % len(names)
-    return list(names[shift:]) + list(names[:shift])
+def shuffled(names: Sequence[str], rng: random.Random) -> list[str]:
+    """The contenders' order for one round: shuffled, so that none always follows the same one
+    (a fixed rotation would always put the same predecessor, and its after-effects, before it)."""
+    order = list(names)
+    rng.shuffle(order)
+    return order
 
 
 # ----------------------------------------------------------------------- targets

@@ -4,14 +4,16 @@ Every contender builds its model the way the trainers do (seed, then the task's 
 reads the same micro-batches in the same order (its own `GlobalBatchSampler`, no shuffling),
 collates them with the task's collate, and takes an optimizer step every K micro-batches
 with the same optimizer, scheduler and clipping. They differ only in the loop itself.
-`run_block(warmup, steps)` trains warmup + steps optimizer steps and returns the seconds
-the last `steps` took (warm-up excluded; for Lightning also the Trainer's set-up).
+`train_steps(n)` takes n optimizer steps. Lightning owns its loop, so it cannot be called
+one step at a time: `LightningRunner.drive` runs one `fit` and calls back at every step
+boundary, where the others take their step (see `dist_worker.Context.interleave`).
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ class DataFeed:
 
 class Contender:
     name = "?"
+    drives_loop = False  # True: owns its training loop (Lightning), see LightningRunner.drive
 
     def __init__(self, task: Task, plan: BatchPlan) -> None:
         self.task, self.plan = task, plan
@@ -50,12 +53,6 @@ class Contender:
 
     def train_steps(self, n: int) -> None:
         raise NotImplementedError
-
-    def run_block(self, warmup: int, steps: int) -> float:
-        self.train_steps(warmup)
-        t0 = time.perf_counter()
-        self.train_steps(steps)
-        return time.perf_counter() - t0
 
     def describe(self) -> dict[str, Any]:
         return {"threads": torch.get_num_threads()}
@@ -169,30 +166,37 @@ class AccelerateRunner(Contender):
         return {**super().describe(), "num_processes": acc.num_processes, "distributed_type": str(acc.distributed_type)}
 
 
-class _StepTimes:
-    """A Lightning callback: the time at the end of every optimizer step."""
+class _Boundaries:
+    """What the Lightning callback needs: K, the function to call at each step boundary, and
+    Lightning's own time per step (boundary to boundary, minus the time spent in that function)."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.times: list[float] = []
+    def __init__(self, k: int, at_boundary: Callable[[int], None]) -> None:
+        self.k, self.at_boundary = k, at_boundary
+        self.seconds: list[float] = []
+        self.last = 0.0
 
 
 def _lightning_classes():
     import lightning.pytorch as pl
 
-    class StepTimer(pl.Callback):
-        def __init__(self, state: _StepTimes) -> None:
+    class StepBoundaries(pl.Callback):
+        def __init__(self, state: _Boundaries) -> None:
             self.state = state
 
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self.state.last = time.perf_counter()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-            if (batch_idx + 1) % self.state.k == 0:
-                self.state.times.append(time.perf_counter())
+            if (batch_idx + 1) % self.state.k == 0:  # the optimizer step of this window is done
+                st = self.state
+                st.seconds.append(time.perf_counter() - st.last)
+                st.at_boundary(len(st.seconds) - 1)
+                st.last = time.perf_counter()
 
     class Wrapped(pl.LightningModule):
         def __init__(self, model, loss, optimizer, scheduler) -> None:  # noqa: ANN001
             super().__init__()
             self.model, self.loss_fn = model, loss
-            # Built once and handed back on every fit: Adam's state survives across blocks.
             self._optimizer, self._scheduler = optimizer, scheduler
 
         def training_step(self, batch, batch_idx):  # noqa: ANN001
@@ -203,7 +207,7 @@ def _lightning_classes():
                 return self._optimizer
             return {"optimizer": self._optimizer, "lr_scheduler": {"scheduler": self._scheduler, "interval": "step"}}
 
-    return pl, StepTimer, Wrapped
+    return pl, StepBoundaries, Wrapped
 
 
 class _StepBatches(torch.utils.data.Sampler):
@@ -223,16 +227,17 @@ class LightningRunner(Contender):
     """`Trainer(accumulate_grad_batches=K, strategy="ddp", accelerator="cpu", devices=2)`.
 
     Lightning would inject a shuffling DistributedSampler; `use_distributed_sampler=False`
-    with our own batch sampler keeps the data identical. Each block is one `fit` of a new
-    Trainer on the same module and optimizer; its set-up falls in the excluded warm-up.
-    Progress bar, logger, checkpoints and the model summary are off (pure training).
+    with our own batch sampler keeps the data identical. One `fit` of one Trainer for the
+    whole benchmark, as users run it. Progress bar, logger, checkpoints and the model
+    summary are off (pure training, which favours Lightning if anything).
     """
 
     name = "lightning"
+    drives_loop = True
 
     def __init__(self, task: Task, plan: BatchPlan, rank: int) -> None:
         super().__init__(task, plan)
-        self.pl, self.timer_cls, wrapped = _lightning_classes()
+        self.pl, self.callback_cls, wrapped = _lightning_classes()
         torch.manual_seed(task.seed)
         self.module = task.model()
         optimizer = task.optimizer(self.module.parameters())
@@ -241,8 +246,10 @@ class LightningRunner(Contender):
         self.feed = DataFeed(task, plan, rank)
         self.world_size = None
 
-    def _fit(self, steps: int) -> list[float]:
-        state = _StepTimes(self.k)
+    def drive(self, steps: int, at_boundary: Callable[[int], None]) -> list[float]:
+        """One fit of `steps` optimizer steps; `at_boundary(i)` runs after step i and is not
+        counted in Lightning's time. Returns Lightning's seconds per step."""
+        state = _Boundaries(self.k, at_boundary)
         loader = torch.utils.data.DataLoader(
             self.task.dataset, batch_sampler=_StepBatches(self.feed, steps), collate_fn=self.feed.collate
         )
@@ -260,27 +267,20 @@ class LightningRunner(Contender):
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[self.timer_cls(state)],
+            callbacks=[self.callback_cls(state)],
         )
         trainer.fit(self.lit, loader)
         self.world_size = trainer.world_size
-        if trainer.global_step != steps:
+        if trainer.global_step != steps or len(state.seconds) != steps:
             raise RuntimeError(f"Lightning took {trainer.global_step} optimizer steps, expected {steps}")
-        # The DDP wrapper of this fit must go before the next one: its reducer hooks the parameters.
-        del trainer
+        del trainer  # its DDP wrapper hooks the parameters
         gc.collect()
         self.steps_done += steps
-        return state.times
+        return state.seconds
 
     def train_steps(self, n: int) -> None:
         if n:
-            self._fit(n)
-
-    def run_block(self, warmup: int, steps: int) -> float:
-        if warmup < 1:
-            raise ValueError("Lightning blocks need a warm-up step: the first step's start is not observable")
-        times = self._fit(warmup + steps)
-        return times[warmup + steps - 1] - times[warmup - 1]
+            self.drive(n, lambda i: None)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "world_size": self.world_size}

@@ -11,9 +11,11 @@ within its own benchmark. Rank 0 writes the raw figures as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import rotated
 from launcher.atomic import write_json_atomic
 
 
@@ -30,21 +31,50 @@ class Context:
     def __init__(self, rank: int, world: int, threads: int, quick: bool) -> None:
         self.rank, self.world, self.threads, self.quick = rank, world, threads, quick
 
-    def slowest_rank(self, seconds: float) -> float:
-        """The block's time on the slowest rank (they finish together, give or take)."""
-        t = torch.tensor([seconds], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t[0])
+    def interleave(self, contenders: dict[str, Any], warmup: int, steps: int, seed: int = 0) -> dict[str, list[float]]:
+        """Milliseconds of each contender's optimizer steps, taken in turns, one step each.
 
-    def interleave(self, contenders: dict[str, Any], reps: int, warmup: int, steps: int) -> dict[str, list[float]]:
-        """Milliseconds per optimizer step of each contender, per repetition, in rotating order."""
-        ms: dict[str, list[float]] = {name: [] for name in contenders}
-        for rep in range(reps):
-            for name in rotated(list(contenders), rep):
+        Round i: every contender takes its step i (the same global batch for all), in an
+        order shuffled per round (the same seed on every rank, so the collectives match),
+        each step between two barriers so that no rank's lag leaks into the next
+        contender. Paired per round, the ratios see the same machine state. The first
+        `warmup` rounds are dropped. Returns the slowest rank's time per step.
+        """
+        rng = random.Random(seed)
+        driver = next((c for c in contenders.values() if c.drives_loop), None)
+        names = [name for name, c in contenders.items() if c is not driver]
+        seconds: dict[str, list[float]] = {name: [] for name in contenders}
+
+        def one_round(_i: int) -> None:
+            order = list(names)
+            rng.shuffle(order)
+            for name in order:
                 torch.set_num_threads(self.threads)  # a contender may have changed it
                 dist.barrier()
-                seconds = contenders[name].run_block(warmup, steps)
-                ms[name].append(self.slowest_rank(seconds) / steps * 1000.0)
+                t0 = time.perf_counter()
+                contenders[name].train_steps(1)
+                seconds[name].append(time.perf_counter() - t0)
+            torch.set_num_threads(self.threads)
+            dist.barrier()  # the driver's next step starts on all ranks together
+
+        # Everything built so far (torch, Lightning, the models) leaves the garbage collector's
+        # view: a full collection then costs what the training steps allocate, not what happens
+        # to be imported in this process, whichever contender it lands on.
+        gc.collect()
+        gc.freeze()
+        try:
+            if driver is None:
+                for i in range(warmup + steps):
+                    one_round(i)
+            else:
+                seconds[driver.name] = driver.drive(warmup + steps, one_round)
+        finally:
+            gc.unfreeze()
+        ms = {}
+        for name, values in seconds.items():
+            t = torch.tensor(values[warmup:], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ms[name] = (t * 1000.0).tolist()
         return ms
 
 

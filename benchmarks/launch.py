@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import random
 import shlex
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from benchmarks.common import (
     child_env,
     free_port,
     paired_ratios,
-    rotated,
+    shuffled,
     summary,
     time_command,
     time_to_line,
@@ -61,15 +62,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "gradaccum launch --dry-run": gradaccum(*DRY_RUN_ARGS),
     }
     cli_s: dict[str, list[float]] = {name: [] for name in commands}
-    for rep in range(cfg["reps"]):
-        for name in rotated(list(commands), rep):
+    rng = random.Random(0)
+    for _ in range(cfg["reps"]):
+        for name in shuffled(list(commands), rng):
             cli_s[name].append(time_command(commands[name]))
 
     torchrun = str(BIN / "torchrun")
     first_step: dict[str, list[float]] = {"torchrun": [], "gradaccum launch": []}
     with tempfile.TemporaryDirectory(prefix="gradaccum-bench-") as tmp:
         for rep in range(cfg["first_step_reps"]):
-            for name in rotated(list(first_step), rep):
+            for name in shuffled(list(first_step), rng):
                 if name == "torchrun":
                     # what `gradaccum launch --dry-run` prints, with the plan as flags instead of a file
                     argv = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]

@@ -1,7 +1,7 @@
 """Issue 10's benchmark: time per optimizer step at a fixed global batch across micro-batch sizes.
 
 The example LM, 2 processes, global batch fixed; every micro-batch size that divides the
-per-rank share gets its own DDPTrainer, and they take turns in timed blocks. Then
+per-rank share gets its own DDPTrainer, and they take turns, one timed optimizer step each. Then
 `trainers.autobatch.auto_micro_batch` (what `--micro-batch-size auto` runs) measures the
 model and picks a size for the default memory budget; its sizes' fit says which fit.
 Target: the size auto picks is within 10% of the fastest size that fits (paired ratio
@@ -36,13 +36,12 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     for m in sizes:
         plan = BatchPlan.solve(cfg["global_batch"], m, world_size=ctx.world)
         contenders[f"micro {m}"] = Ours(task, plan)
-    ms = ctx.interleave(contenders, cfg["reps"], cfg["warmup"], cfg["steps"])
+    ms = ctx.interleave(contenders, cfg["warmup"], cfg["steps"])
     out = {
         "task": task.name,
         "global_batch": cfg["global_batch"],
         "sizes": sizes,
         "ms_per_step": {str(m): ms[f"micro {m}"] for m in sizes},
-        "reps": cfg["reps"],
         "warmup": cfg["warmup"],
         "steps": cfg["steps"],
     }
@@ -77,7 +76,6 @@ def summarize(raw: dict[str, Any], auto: dict[str, Any]) -> tuple[dict[str, Any]
         "global_batch": raw["global_batch"],
         "ms_per_step": per_size,
         "auto": auto,
-        "reps": raw["reps"],
         "warmup": raw["warmup"],
         "steps": raw["steps"],
     }

@@ -1,7 +1,8 @@
 """Benchmark 2, peers: the same workload through Hugging Face Accelerate and PyTorch Lightning.
 
-Both run inside the same two torchrun processes as ours, interleaved block by block (see
-overhead.py), which also sidesteps two traps measured here: `accelerate launch --cpu
+Both run inside the same two processes as ours, interleaved step by step (see overhead.py;
+Lightning drives its own loop, and the others take their steps at its step boundaries),
+which also sidesteps two traps measured here: `accelerate launch --cpu
 --num_processes 2` silently runs ONE process (we check `num_processes == 2`), and Lightning
 shuffles through the sampler it injects (we pass `use_distributed_sampler=False` and our own
 batch sampler). The weights each peer ends with are compared with ours: otherwise the
@@ -55,7 +56,7 @@ def summarize(raw: dict[str, Any], skipped: dict[str, str]) -> tuple[dict[str, A
                     entry["ratio"]["median"],
                     TARGET,
                     "<=",
-                    "time per optimizer step, median of paired repetitions",
+                    "time per optimizer step, median of the per-round ratios",
                 )
             )
             targets.append(weights_target(workload, peer, entry["weights"]))

@@ -44,7 +44,9 @@ def markdown(results: dict[str, Any]) -> str:
                 [workload, peer, _ratio(e["ratio"]), _spread(e["ratio"]), _ms(e["ms_ours"]), _ms(e[f"ms_{peer}"])]
             )
     if rows:
-        out.append("Time per optimizer step, ours / theirs (2 processes, gloo, paired repetitions):\n")
+        out.append(
+            "Time per optimizer step, ours / theirs (2 processes, gloo; one step each in turn, ratio per round):\n"
+        )
         out += _table(["workload", "vs", "ratio (median)", "spread (min–max)", "ours ms", "theirs ms"], rows)
         out.append("")
     if "comm" in b and "per_k" in b["comm"]:
