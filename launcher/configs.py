@@ -19,6 +19,10 @@ DEEPSPEED_BATCH_KEYS = {
 }
 
 
+#: top-level key listing the settings gradaccum defaulted (DeepSpeed ignores unknown keys)
+DEFAULTED_KEY = "gradaccum_defaults"
+
+
 class ConfigError(UserError):
     """A user's config file disagrees with the plan or cannot be read."""
 
@@ -61,6 +65,10 @@ def deepspeed_config(
     1.0 in 0.19) are written explicitly.
     """
     config: dict[str, Any] = copy.deepcopy(dict(base or {}))
+    # Keys an earlier rendering filled in with a default (not the user's choice): a later,
+    # explicit setting replaces them instead of conflicting (a JSON from `gradaccum launch`
+    # handed to DeepSpeedTrainer, whose task asks for clipping, say).
+    defaulted = set(config.pop(DEFAULTED_KEY, []))
     check_batch_keys(plan, config)
     for key, attr in DEEPSPEED_BATCH_KEYS.items():
         config[key] = getattr(plan, attr)
@@ -81,19 +89,28 @@ def deepspeed_config(
     zero["stage"] = zero_stage
 
     if gradient_clipping is not None:
-        if "gradient_clipping" in config and config["gradient_clipping"] != gradient_clipping:
+        if (
+            "gradient_clipping" in config
+            and "gradient_clipping" not in defaulted
+            and config["gradient_clipping"] != gradient_clipping
+        ):
             raise ConfigError(
                 f"the base config sets gradient_clipping={config['gradient_clipping']} but the "
                 f"trainer asks for {gradient_clipping}; give one of them"
             )
         config["gradient_clipping"] = float(gradient_clipping)
-    config.setdefault("gradient_clipping", 0.0)
+        defaulted.discard("gradient_clipping")
+    elif "gradient_clipping" not in config:
+        config["gradient_clipping"] = 0.0  # DeepSpeed would clip at 1.0 behind the user's back
+        defaulted.add("gradient_clipping")
 
     precision = plan.precision if precision is None else precision
     _set_precision(config, precision)
     if "optimizer" not in config and zero_stage >= 1:
         # A torch optimizer passed to deepspeed.initialize is "untested" for ZeRO.
         config.setdefault("zero_allow_untested_optimizer", True)
+    if defaulted:
+        config[DEFAULTED_KEY] = sorted(defaulted)
     config.setdefault("steps_per_print", 10**9)
     config.setdefault("wall_clock_breakdown", False)
     return config

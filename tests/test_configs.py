@@ -89,3 +89,18 @@ def test_zero_stage_one_with_torch_optimizer_is_allowed_explicitly():
 def test_ddp_config():
     cfg = ddp_config(BatchPlan.solve(24, 3, world_size=2))
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["no_sync_micro_steps"] == 3
+
+
+def test_a_rendered_default_is_replaced_by_an_explicit_setting_later():
+    # `gradaccum launch` renders the JSON (clipping defaulted to 0.0); a trainer whose task
+    # clips at 1.0 then takes it as its base: that is not the user's conflict.
+    plan = BatchPlan.solve(8, 2, world_size=2)
+    rendered = json.loads(json.dumps(deepspeed_config(plan)))
+    assert rendered["gradient_clipping"] == 0.0 and rendered["gradaccum_defaults"] == ["gradient_clipping"]
+    again = deepspeed_config(plan, rendered, gradient_clipping=1.0)
+    assert again["gradient_clipping"] == 1.0 and "gradaccum_defaults" not in again
+    with deepspeed_world(2) as DeepSpeedConfig:
+        assert DeepSpeedConfig(rendered).gradient_clipping == 0.0  # DeepSpeed ignores the marker
+    # A value the user wrote still conflicts.
+    with pytest.raises(ConfigError, match="gradient_clipping=0.5 but the trainer asks for 1.0"):
+        deepspeed_config(plan, {"gradient_clipping": 0.5}, gradient_clipping=1.0)
