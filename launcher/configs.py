@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from launcher.atomic import read_json
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 
@@ -28,13 +28,7 @@ class ConfigError(UserError):
 
 
 def load_json_file(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} file {path} is not valid JSON: {e}") from None
+    data = read_json(path, what, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{what} file {path} must hold a JSON object, got {type(data).__name__}")
     return data

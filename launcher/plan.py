@@ -251,14 +251,9 @@ class BatchPlan:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> BatchPlan:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except OSError as e:
-            raise PlanError(f"cannot read plan file {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        from launcher.atomic import read_json
+
+        return cls.from_dict(read_json(path, "plan", PlanError))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BatchPlan | None:
