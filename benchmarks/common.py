@@ -97,6 +97,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "load_average_at_start": list(os.getloadavg()),
     }
+    info["packages"] = _versions("torch", "accelerate", "lightning", "deepspeed")
     try:
         import psutil
 
@@ -128,6 +129,19 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _versions(*names: str) -> dict[str, str | None]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def now_iso() -> str:

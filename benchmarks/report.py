@@ -184,10 +184,10 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         for ax, (workload, by) in zip(axes[0], training.items(), strict=True):
             names = list(by)
             med = [by[n]["median"] for n in names]
-            err = [[by[n]["median"] - by[n]["min"] for n in names], [by[n]["max"] - by[n]["median"] for n in names]]
+            err = [[by[n]["median"] - by[n]["q1"] for n in names], [by[n]["q3"] - by[n]["median"] for n in names]]
             ax.bar(names, med, yerr=err, capsize=4, color=["C0" if n == "ours" else "C7" for n in names])
             ax.set_title(workload)
-            ax.set_ylabel("ms per optimizer step (median, min–max)")
+            ax.set_ylabel("ms per optimizer step (median, quartiles)")
         save(fig, "training.png")
     if "comm" in b and "per_k" in b["comm"]:
         ks = sorted(b["comm"]["per_k"], key=int)
@@ -210,6 +210,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         )
         for ax in (a1, a2):
             ax.set_xticklabels(ks)
+            ax.minorticks_off()
             ax.legend()
         save(fig, "comm.png")
     if "memory" in b and "median_peak_bytes" in b["memory"]:
@@ -223,6 +224,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
             ax.plot(m["ks"], [m["median_peak_bytes"][name][str(k)] / MiB for k in m["ks"]], style, label=label)
         ax.set(xlabel="accumulation steps K", ylabel="peak MiB above model + data", xscale="log", xticks=m["ks"])
         ax.set_xticklabels([str(k) for k in m["ks"]])
+        ax.minorticks_off()
         ax.set_title(f"example LM, micro-batch {m['micro']}")
         ax.legend()
         save(fig, "memory.png")
@@ -242,6 +244,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[str]:
         ax.axvline(auto, color="C3", linestyle="--", label=f"auto: micro {auto}")
         ax.set(xlabel="micro-batch size", ylabel="ms per optimizer step", xscale="log", xticks=sizes)
         ax.set_xticklabels([str(m) for m in sizes])
+        ax.minorticks_off()
         ax.set_title(f"global batch {mb['global_batch']}, 2 processes")
         ax.legend()
         save(fig, "microbatch.png")
