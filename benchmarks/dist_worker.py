@@ -1,11 +1,12 @@
-"""The rank side of the multi-process benchmarks: one torchrun launch runs all of them.
+"""The rank side of the multi-process benchmarks: one launch of two processes runs all of them.
 
     python -m benchmarks.dist_worker --config CFG.json --output RAW.json   # under torchrun's variables
 
 `python -m benchmarks` starts two of these with `launcher.run.run_local_workers` (what
 `gradaccum launch --launcher local` runs). One launch for every distributed benchmark saves
-a torch import and a rendezvous per benchmark (seconds each on a loaded 2-core machine); every comparison is still interleaved
-within its own benchmark. Rank 0 writes the raw figures as JSON.
+a torch import and a rendezvous per benchmark (seconds each on a loaded 2-core machine);
+each comparison is still interleaved within its own benchmark. Rank 0 writes the raw
+figures as JSON.
 """
 
 from __future__ import annotations
