@@ -6,8 +6,10 @@ and chooses, `BatchPlan.solve` gets the chosen micro-batch like any other.
 How the peak is measured:
 - GPU: `torch.cuda.reset_peak_memory_stats()` then `max_memory_allocated()` around one
   trial step per size, in this process.
-- CPU: a process's peak RSS cannot be reset, so each size runs in a short trial process of
-  its own (`python -m trainers.autobatch --trial ...`) that reports `ru_maxrss`.
+- CPU: each size runs in a short trial process of its own (`python -m trainers.autobatch
+  --trial ...`: a fresh allocator per size) that resets the kernel's resident-set high-water
+  mark (VmHWM, through /proc/self/clear_refs) after a warm-up step and reports the peak of the
+  measured step; importing torch peaks higher than a small model's step and would hide it.
 A trial step is what training does per micro-batch: forward, loss, backward, optimizer step.
 """
 
@@ -52,18 +54,40 @@ def _trial_batch(task: Any, micro: int) -> Any:
     return (task.collate or default_collate)(items)
 
 
-def trial_step(task: Any, micro: int, device: str = "cpu") -> None:
-    """One micro-step of training at `micro` samples: forward, loss, backward, step."""
+def trial_step(task: Any, micro: int, device: str = "cpu", before_measured_step: Any = None) -> None:
+    """Two micro-steps of training at `micro` samples: forward, loss, backward, step.
+
+    The first puts the optimizer state and allocator caches in place; `before_measured_step`
+    runs between them (it resets the peak counter), so the peak is a steady step's."""
     import torch
 
     torch.manual_seed(task.seed)
     model = task.model().to(device)
     optimizer = task.optimizer(model.parameters())
     batch = _move(_trial_batch(task, micro), device)
-    out = task.loss(model, batch)
-    loss = out[0] / max(float(out[1]), 1.0) if isinstance(out, tuple) else out
-    loss.backward()
-    optimizer.step()
+    for i in range(2):
+        if i == 1 and before_measured_step is not None:
+            before_measured_step()
+        out = task.loss(model, batch)
+        loss = out[0] / max(float(out[1]), 1.0) if isinstance(out, tuple) else out
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def reset_peak_rss() -> None:
+    """Linux keeps an exact resident-set high-water mark and lets a process reset it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: this process's peak resident set since start or the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not found in /proc/self/status (not Linux?)")
 
 
 def _move(batch: Any, device: str) -> Any:
@@ -91,8 +115,7 @@ def measure_peaks(
         points = []
         for micro in sizes:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            trial_step(task, micro, device)
+            trial_step(task, micro, device, lambda: torch.cuda.reset_peak_memory_stats(device))
             points.append((micro, int(torch.cuda.max_memory_allocated(device))))
         return points
     from launcher.run import capture_command, python_module_argv
@@ -154,8 +177,6 @@ def auto_micro_batch(
 
 
 def _trial_main(argv: list[str]) -> int:
-    import resource
-
     parser = argparse.ArgumentParser(prog="python -m trainers.autobatch")
     parser.add_argument("--trial", action="store_true", required=True)
     parser.add_argument("--task", required=True)
@@ -166,9 +187,10 @@ def _trial_main(argv: list[str]) -> int:
     torch.set_num_threads(1)  # the same threads at every size, so peaks compare
     from trainers.task import load_task
 
-    trial_step(load_task(args.task), args.micro)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"micro": args.micro, "peak_bytes": peak_kib * 1024}))
+    # The peak of a steady step only: importing torch and building the model peak higher
+    # than a small model's step, and would hide how the step grows with the micro-batch.
+    trial_step(load_task(args.task), args.micro, before_measured_step=reset_peak_rss)
+    print(json.dumps({"micro": args.micro, "peak_bytes": peak_rss_bytes()}))
     return 0
 
 
