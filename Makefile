@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - venv, install, run `gradaccum verify` on the built-in example
 #   make test   - venv, install (+ OS packages: OpenMPI, Slurm, munge), run the whole suite
+#   make bench  - the benchmarks (also installs Accelerate and Lightning, the peers)
 #
 # TORCH_SPEC picks the torch build installed before the project. The default is the
 # CPU wheel; GPU users: make test TORCH_SPEC='torch' (or a CUDA index URL via PIP_EXTRA).
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.gradaccum-installed
 
-.PHONY: demo test test-quick venv os-deps lint bench clean
+.PHONY: demo test test-quick venv os-deps lint bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -31,7 +32,7 @@ demo: venv
 	$(BIN)/gradaccum verify --output-dir runs/demo
 
 # pytest exit 5 (no tests collected) is a failure, not a pass.
-test: os-deps venv
+test: os-deps venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
@@ -39,8 +40,16 @@ test-quick: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check launcher trainers tests
-	$(BIN)/ruff format --check launcher trainers tests
+	$(BIN)/ruff check launcher trainers tests benchmarks examples
+
+# Benchmarks (not part of the tests): ratios against baselines measured in the same run.
+bench: venv
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[bench]'
+	$(BIN)/python -m benchmarks
+
+# On a machine with an NVIDIA GPU (install a CUDA torch: make bench-gpu TORCH_SPEC=torch).
+bench-gpu: venv
+	$(BIN)/python -m benchmarks --gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,7 +9,7 @@ import pytest
 
 from launcher import BatchPlan
 from launcher.lr import LRError, LRRule
-from launcher.memory import GiB, MiB, MemoryError_, MemoryModel, choose_micro_batch_size, micro_options, parse_bytes
+from launcher.memory import GiB, MemoryError_, MemoryModel, MiB, choose_micro_batch_size, micro_options, parse_bytes
 from launcher.ramp import BatchRamp, RampError
 from tests.conftest import run_cli
 
