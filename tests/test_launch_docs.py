@@ -1,5 +1,5 @@
-"""The commands docs/launchers.md shows (one per launcher) run for real, as written, and
-every launcher trains the built-in example to the same losses."""
+"""The commands the README's "Launching" section shows (one per launcher) run for real, as
+written, and every launcher trains the built-in example to the same losses."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tests.test_launch import slurm_env  # noqa: F401  (fixture: the local Slurm cluster)
 
-DOC = REPO / "docs" / "launchers.md"
+DOC = REPO / "README.md"
+SECTION = "## Launching"
 LAUNCHERS = ("torchrun", "deepspeed", "mpirun", "srun", "local")
 
 
 def documented(prefix: str) -> list[tuple[list[str], str]]:
     """(argv after `gradaccum`, the output shown below it) for each `$ gradaccum PREFIX` line."""
-    lines = DOC.read_text().splitlines()
+    text = DOC.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    lines = text[start : end if end != -1 else len(text)].splitlines()
     found = []
     for i, line in enumerate(lines):
         if line.startswith(f"$ gradaccum {prefix}"):

@@ -144,7 +144,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_finishes_equal(tmp_path, 
     out = tmp_path / "final.pt"
     args = [SCRIPT, f"--steps={STEPS}", f"--checkpoint-dir={tmp_path / 'ckpt'}", f"--output={out}"]
     # Without it the restarted workers share the dead attempt's TCP store and may read its
-    # gloo addresses: "Connection refused" in about half the runs here (see docs/resume.md).
+    # gloo addresses: "Connection refused" in about half the runs here (see the README, "torchrun elastic restarts").
     r = run(torchrun(2, *args, "--die-at-step=4", max_restarts=1), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     assert r.returncode == 0, r.stderr
     assert "rank 1: SIGKILL to myself in step 4, micro-step 2" in r.stderr

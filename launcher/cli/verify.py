@@ -12,7 +12,7 @@ ORDER = 60
 DEFAULT_MICRO_BATCH_SIZE = 4
 DEFAULT_ACCUMULATION_STEPS = 3
 #: default --tolerance (max relative parameter difference against the fp32 reference) for the
-#: precision of the distributed run; the measurements behind them are in docs/precision.md
+#: precision of the distributed run; the measurements behind them are in the README, "Mixed precision"
 DEFAULT_TOLERANCES = {"fp32": 1e-5, "bf16": 1.0, "fp16": 1e-1}
 #: the trainers' default --collective-timeout (trainers.distributed.DEFAULT_COLLECTIVE_TIMEOUT_S)
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -83,7 +83,7 @@ def check_backend_options(
         raise UserError(
             f"--backend deepspeed --precision {precision}: DeepSpeed casts the model to {precision} at start-up, so "
             "its weights differ from the fp32 reference before the first step and verify cannot compare them. "
-            "Verify DeepSpeed in fp32, and 16-bit accumulation with --backend ddp; docs/deepspeed.md gives "
+            "Verify DeepSpeed in fp32, and 16-bit accumulation with --backend ddp; the README's DeepSpeed section gives "
             "DeepSpeed's measured bf16 figures"
         )
     from launcher import configs
