@@ -431,7 +431,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {report['precision']} run against the fp32 reference: parameters differ by "
             f"{report['steps'][-1]['max_rel_diff']:.2e} (relative) after the last step, losses by at most "
             f"{report['loss_max_rel_diff']:.2e}; the tolerance is sized for {report['precision']} round-off, "
-            "which Adam amplifies on the first steps (README, "Mixed precision")"
+            "which Adam amplifies on the first steps (README, 'Mixed precision')"
         )
     if report.get("skipped_steps"):
         lines.append(f"  fp16 overflow: the update of step(s) {report['skipped_steps']} was skipped")
