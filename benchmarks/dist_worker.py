@@ -117,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainers.distributed import exit_worker
+
+    exit_worker(main())  # no teardown abort after the work is done

@@ -18,7 +18,6 @@ the single-device reference itself and compares.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -103,4 +102,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainers.distributed import exit_worker
+
+    exit_worker(main())  # no teardown abort after the work is done

@@ -50,4 +50,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from trainers.distributed import exit_worker
+
     main()
+    exit_worker(0)  # no teardown abort after the work is done
