@@ -31,6 +31,23 @@ from trainers.precision import MixedPrecision, resolve_precision
 from trainers.sampler import GlobalBatchSampler
 
 
+def build_from_task(task: Any, device: torch.device) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Seed torch, build the task's model on `device` and its optimizer: every rank and the
+    reference build the same weights this way. Returns (model, optimizer, trainer keyword
+    arguments taken from the task); the scheduler is the caller's (DeepSpeed wants the factory)."""
+    torch.manual_seed(task.seed)
+    model = task.model().to(device)
+    optimizer = task.optimizer(model.parameters())
+    fields = dict(
+        dataset=task.dataset,
+        count=task.count,
+        collate=task.collate,
+        clip_grad_norm=task.clip_grad_norm,
+        seed=task.seed,
+    )
+    return model, optimizer, fields
+
+
 class LossNormalisationWarning(UserWarning):
     """A scalar-mean loss met micro-batches of different sizes: the update is not the global mean."""
 

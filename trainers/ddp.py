@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.accumulate import AccumulationHooks, StepMetrics
-from trainers.base import BaseTrainer
+from trainers.base import BaseTrainer, build_from_task
 from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, Watchdog, init_distributed
 from trainers.precision import MixedPrecision
 from trainers.task import Task
@@ -143,23 +143,9 @@ class DDPTrainer(BaseTrainer):
         """Seed torch, build the task's model on this rank's device, wrap it, build the optimizer."""
         timeout = kwargs.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S)
         info = init_distributed(plan, kwargs.get("backend"), collective_timeout=timeout)
-        torch.manual_seed(task.seed)
-        model = task.model().to(info.device)
-        optimizer = task.optimizer(model.parameters())
+        model, optimizer, fields = build_from_task(task, info.device)
         scheduler = task.scheduler(optimizer) if task.scheduler is not None else None
-        return cls(
-            model,
-            optimizer,
-            plan,
-            task.loss,
-            dataset=task.dataset,
-            count=task.count,
-            collate=task.collate,
-            scheduler=scheduler,
-            clip_grad_norm=task.clip_grad_norm,
-            seed=task.seed,
-            **kwargs,
-        )
+        return cls(model, optimizer, plan, task.loss, scheduler=scheduler, **fields, **kwargs)
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)

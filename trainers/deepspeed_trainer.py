@@ -33,7 +33,7 @@ import torch.distributed as dist
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.accumulate import AccumulationHooks, StepMetrics, grad_norm
-from trainers.base import BaseTrainer
+from trainers.base import BaseTrainer, build_from_task
 from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, Watchdog, init_distributed
 from trainers.precision import resolve_precision
 from trainers.task import Task
@@ -322,21 +322,8 @@ class DeepSpeedTrainer(BaseTrainer):
         """Seed torch, build the task's model and optimizer, hand them to DeepSpeed."""
         timeout = kwargs.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S)
         info = init_distributed(plan, kwargs.get("backend"), collective_timeout=timeout)
-        torch.manual_seed(task.seed)
-        model = task.model().to(info.device)
-        return cls(
-            model,
-            task.optimizer(model.parameters()),
-            plan,
-            task.loss,
-            dataset=task.dataset,
-            count=task.count,
-            collate=task.collate,
-            scheduler=task.scheduler,
-            clip_grad_norm=task.clip_grad_norm,
-            seed=task.seed,
-            **kwargs,
-        )
+        model, optimizer, fields = build_from_task(task, info.device)
+        return cls(model, optimizer, plan, task.loss, scheduler=task.scheduler, **fields, **kwargs)
 
     # ------------------------------------------------------------------ hooks
     def _hooks(self) -> AccumulationHooks:

@@ -15,7 +15,7 @@ import torch
 
 from launcher.plan import BatchPlan
 from trainers.accumulate import AccumulationHooks
-from trainers.base import BaseTrainer
+from trainers.base import BaseTrainer, build_from_task
 from trainers.precision import MixedPrecision
 from trainers.task import Task
 
@@ -78,24 +78,9 @@ class ReferenceTrainer(BaseTrainer):
     def from_task(cls, task: Task, plan: BatchPlan | int, **kwargs: Any) -> ReferenceTrainer:
         """Seed torch exactly as the distributed trainers do, then build model and optimizer."""
         device = torch.device(kwargs.pop("device", None) or "cpu")
-        torch.manual_seed(task.seed)
-        model = task.model().to(device)
-        optimizer = task.optimizer(model.parameters())
+        model, optimizer, fields = build_from_task(task, device)
         scheduler = task.scheduler(optimizer) if task.scheduler is not None else None
-        return cls(
-            model,
-            optimizer,
-            plan,
-            task.loss,
-            dataset=task.dataset,
-            count=task.count,
-            collate=task.collate,
-            scheduler=scheduler,
-            clip_grad_norm=task.clip_grad_norm,
-            seed=task.seed,
-            device=device,
-            **kwargs,
-        )
+        return cls(model, optimizer, plan, task.loss, scheduler=scheduler, device=device, **fields, **kwargs)
 
     def _hooks(self) -> AccumulationHooks:
         amp = self.amp
