@@ -81,13 +81,15 @@ class BatchRamp:
         return cls(tuple(stages), final)
 
     # ----------------------------------------------------------------- queries
-    def _plan_for_global(self, g: int) -> BatchPlan:
-        """The stage's plan: the final micro-batch where it divides, else the largest below it."""
+    def _plan_for_global(self, g: int, max_micro_batch_size: int | None = None) -> BatchPlan:
+        """The stage's plan: the final micro-batch where it divides, else the largest below it
+        (and never above `max_micro_batch_size`, e.g. one that ran out of memory)."""
         dp = self.final.data_parallel_size
+        cap = min(self.final.micro_batch_size, max_micro_batch_size or self.final.micro_batch_size)
         try:
             if g % dp:
                 raise PlanError(f"global batch {g} is not divisible by data-parallel {dp}")
-            micro = max(d for d in _divisors(g // dp) if d <= self.final.micro_batch_size)
+            micro = max(d for d in _divisors(g // dp) if d <= cap)
             return BatchPlan.solve(
                 g,
                 micro,
@@ -102,9 +104,9 @@ class BatchRamp:
         i = bisect.bisect_right([s for s, _ in self.stages], consumed_samples) - 1
         return self.stages[i][1]
 
-    def plan_at(self, consumed_samples: int) -> BatchPlan:
+    def plan_at(self, consumed_samples: int, max_micro_batch_size: int | None = None) -> BatchPlan:
         """The plan for the optimizer step that starts after `consumed_samples` samples."""
-        return self._plan_for_global(self.global_batch_at(consumed_samples))
+        return self._plan_for_global(self.global_batch_at(consumed_samples), max_micro_batch_size)
 
     def with_world_size(self, world_size: int) -> BatchRamp:
         return BatchRamp(self.stages, self.final.with_world_size(world_size))

@@ -133,27 +133,14 @@ def set_plan(trainer: BaseTrainer, plan: BatchPlan, lr_scaling: str | LRRule | N
 
 
 def follow_ramp(trainer: BaseTrainer) -> None:
-    """Before a step: take the ramp's global batch for the samples consumed so far."""
+    """Before a step: take the ramp's plan for the samples consumed so far."""
     ramp: BatchRamp = trainer.batch_ramp
-    g = ramp.global_batch_at(trainer.sampler.consumed_samples)
-    if g == trainer.plan.global_batch_size:
+    consumed = trainer.sampler.consumed_samples
+    if ramp.global_batch_at(consumed) == trainer.plan.global_batch_size:
         return
-    # The ramp's micro-batch where it divides, never above one that ran out of memory.
-    per_rank = g // trainer.plan.data_parallel_size
-    cap = ramp.final.micro_batch_size
-    if trainer.oom_events:  # never grow back to a micro-batch that ran out of memory
-        cap = min(cap, trainer.oom_events[-1][2])
-    micro = max(d for d in _divisors(per_rank) if d <= cap)
-    set_plan(
-        trainer,
-        BatchPlan.solve(
-            g,
-            micro,
-            world_size=trainer.plan.world_size,
-            model_parallel_size=trainer.plan.model_parallel_size,
-            precision=trainer.plan.precision,
-        ),  # fmt: skip
-    )
+    # never grow back to a micro-batch that ran out of memory
+    cap = trainer.oom_events[-1][2] if trainer.oom_events else None
+    set_plan(trainer, ramp.plan_at(consumed, cap))
 
 
 def set_batch_ramp(trainer: BaseTrainer, ramp: BatchRamp | str, lr_scaling: str | LRRule | None = None) -> None:
