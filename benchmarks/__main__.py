@@ -26,8 +26,10 @@ NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
-    # warmup: rounds dropped; steps: rounds timed (each contender takes one optimizer step per round)
-    "training": {"warmup": 2, "steps": 60, "micro": 4, "k": 4},
+    # warmup: rounds dropped; steps: rounds timed (each contender takes one optimizer step per
+    # round), per workload: the LM's steps are 4x shorter, so it affords 4x the rounds (the
+    # median of the per-round ratios then resolves about 1%: see the A/A noise floor)
+    "training": {"warmup": 2, "steps": {"mlp": 100, "lm": 300, "lm-mean": 300}, "micro": 4, "k": 4},
     "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "warmup": 2, "steps": 20},
     "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "warmup": 2, "steps": 20},
     "microbatch_trial_sizes": None,  # autobatch's defaults
@@ -66,16 +68,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[str], quick: bool) -> dict[str, Any]:
     t = cfg["training"]
-    spec = {"micro": t["micro"], "k": t["k"]}
+
+    def spec(workload: str, contenders: list[str]) -> dict[str, Any]:
+        steps = t["steps"][workload] if isinstance(t["steps"], dict) else t["steps"]
+        return {"micro": t["micro"], "k": t["k"], "steps": steps, "contenders": contenders}
+
     workloads: dict[str, Any] = {}
     if "overhead" in selected:
-        workloads["mlp"] = {**spec, "contenders": ["ours", "hand", "ours-copy"]}
-        workloads["lm"] = {**spec, "contenders": ["ours", "hand", "ours-copy"]}
+        workloads["mlp"] = spec("mlp", ["ours", "hand", "ours-copy"])
+        workloads["lm"] = spec("lm", ["ours", "hand", "ours-copy"])
     if "peers" in selected and peer_list:
-        workloads.setdefault("mlp", {**spec, "contenders": ["ours", "hand"]})["contenders"] += peer_list
+        workloads.setdefault("mlp", spec("mlp", ["ours", "hand"]))["contenders"] += peer_list
         if not quick:  # the LM through the peers, with the loss they scale (per-micro-batch mean / K)
-            workloads["lm-mean"] = {**spec, "contenders": ["ours", "hand", *peer_list]}
-    return {"workloads": workloads, "warmup": t["warmup"], "steps": t["steps"]}
+            workloads["lm-mean"] = spec("lm-mean", ["ours", "hand", *peer_list])
+    return {"workloads": workloads, "warmup": t["warmup"]}
 
 
 def run_distributed(jobs: dict[str, Any], quick: bool, timeout: float) -> dict[str, Any]:

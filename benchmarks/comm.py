@@ -61,7 +61,9 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"task": task.name, "per_k": {}}
     for k in cfg["ks"]:
         plan = plan_for(cfg["micro"], k, ctx.world)
-        contenders = {name: make_contender(name, task, plan, ctx.rank) for name in ("ours", "naive")}
+        contenders = {
+            name: make_contender(name, task, plan, ctx.rank, count_collectives=True) for name in ("ours", "naive")
+        }
         params = list(contenders["ours"].module.parameters())
         dtype = str(params[0].dtype).removeprefix("torch.")
         counted = {}

@@ -30,7 +30,7 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         task = build_task(workload, ctx.quick)
         plan = plan_for(spec["micro"], spec["k"], ctx.world)
         contenders = {name: make_contender(name, task, plan, ctx.rank) for name in spec["contenders"]}
-        ms = ctx.interleave(contenders, cfg["warmup"], cfg["steps"])
+        ms = ctx.interleave(contenders, cfg["warmup"], spec["steps"])
         ours = contenders["ours"].module
         weights = {}
         for name, c in contenders.items():
@@ -41,15 +41,15 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
             "task": task.name,
             "parameters": parameter_count(ours),
             "plan": plan.to_dict(),
+            "rounds": spec["steps"],
             "ms_per_step": ms,
             "weights_vs_ours": weights,
             "steps_done": {name: c.steps_done for name, c in contenders.items()},
             "contenders": {name: c.describe() for name, c in contenders.items()},
-            "allreduce_rounds_per_step_ours": contenders["ours"].last_metrics.allreduce_rounds,
         }
         del contenders, ours
         gc.collect()
-    out.update(warmup=cfg["warmup"], steps=cfg["steps"])
+    out["warmup"] = cfg["warmup"]
     return out
 
 
@@ -80,8 +80,8 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
         if workload not in raw or "hand" not in raw[workload]["ms_per_step"]:
             continue
         w = raw[workload]
-        entry = {"task": w["task"], "parameters": w["parameters"], "plan": w["plan"], **compare(w, "hand")}
-        entry["allreduce_rounds_per_step_ours"] = w["allreduce_rounds_per_step_ours"]
+        entry = {"task": w["task"], "parameters": w["parameters"], "plan": w["plan"], "rounds": w["rounds"]}
+        entry.update(compare(w, "hand"))
         if "ours-copy" in w["ms_per_step"]:
             # A/A: ours against an identical copy of itself, measured the same way. Its spread
             # is the resolution of this run: smaller differences are noise.
@@ -97,5 +97,5 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
             )
         )
         targets.append(weights_target(workload, "hand", entry["weights"]))
-    result.update(warmup=raw["warmup"], steps=raw["steps"])
+    result["warmup"] = raw["warmup"]
     return result, targets

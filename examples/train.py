@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             collective_timeout=timeout,
             shuffle=not args.no_shuffle,
+            count_collectives=True,  # prints the gradient all-reduce rounds per step (costs ~1% on small models)
             **checkpoint_kwargs,
             **extra,
         )

@@ -51,7 +51,6 @@ def test_quick_benchmarks_end_to_end(tmp_path):
         entry = b["overhead"]["workloads"][workload]
         assert {"median", "min", "max", "samples"} <= set(entry["ratio"])
         assert entry["weights"]["max_rel_diff"] <= 1e-5
-        assert entry["allreduce_rounds_per_step_ours"] == 1
 
     # peers: measured on the same weights, or skipped with the reason
     peers = b["peers"]

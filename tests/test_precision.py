@@ -63,7 +63,7 @@ def test_bf16_autocasts_the_forward_and_keeps_fp32_gradients(world_of_one):
 
     task.loss = loss
     plan = BatchPlan.solve(8, 2, world_size=1)
-    trainer = DDPTrainer.from_task(task, plan, log=False, precision="bf16")
+    trainer = DDPTrainer.from_task(task, plan, log=False, precision="bf16", count_collectives=True)
     assert trainer.plan.precision == "bf16"  # the plan records what runs
     grads = []
     trainer.optimizer.register_step_pre_hook(
@@ -102,7 +102,7 @@ def test_trainer_with_bf16_parameters_accumulates_in_fp32(world_of_one):
         torch.bfloat16
     )
     task.dataset = [(x.bfloat16(), y.bfloat16()) for x, y in task.dataset]
-    trainer = DDPTrainer.from_task(task, plan, log=False, precision="bf16")
+    trainer = DDPTrainer.from_task(task, plan, log=False, precision="bf16", count_collectives=True)
     params = list(trainer.module.parameters())
     micro = [trainer.micro_batch(ix) for ix in trainer.sampler.next_step()]
     per_micro = micro_step_gradients(trainer.module, [mb.batch for mb in micro], task.loss)

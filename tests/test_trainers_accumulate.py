@@ -14,7 +14,14 @@ import torch.distributed as dist
 
 from launcher import BatchPlan
 from trainers import DDPTrainer, ReferenceTrainer
-from trainers.accumulate import AccumulationHooks, MicroBatch, accumulation_step, gradient_scaler, split_loss
+from trainers.accumulate import (
+    AccumulationHooks,
+    MicroBatch,
+    StepMetrics,
+    accumulation_step,
+    gradient_scaler,
+    split_loss,
+)
 from trainers.base import LossNormalisationWarning
 from trainers.example import make_task, mlp_task, pad_collate
 from trainers.verify import compare_states
@@ -32,7 +39,7 @@ def world_of_one():
 def train_pair(task_factory, steps: int, plan: BatchPlan):
     ref = ReferenceTrainer.from_task(task_factory(), plan)
     ref.train(steps)
-    ddp = DDPTrainer.from_task(task_factory(), plan, log=False)
+    ddp = DDPTrainer.from_task(task_factory(), plan, log=False, count_collectives=True)
     history = ddp.train(steps)
     return ref, ddp, history
 
@@ -159,3 +166,70 @@ def test_state_dict_resume_gives_the_same_run():
     assert resumed.global_step == 4
     for name, value in straight.module.state_dict().items():
         assert torch.equal(value, resumed.module.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum-count", "sum"])
+def test_background_metrics_all_reduce_waits_only_when_read(mode):
+    """With an asynchronous all-reduce the metrics sum is started at the end of the step and
+    waited for on the first read of loss/items/count; the values equal the synchronous ones.
+    A (sum, count) loss without Task.count needs the totals to scale the gradients: no deferral."""
+    task = make_task("mean" if mode == "mean" else "sum", with_count=mode == "sum-count")
+    micro = [MicroBatch(pad_collate(task.dataset[i : i + 2]), 2) for i in range(0, 8, 2)]
+
+    def run(asynchronous: bool):
+        torch.manual_seed(0)
+        model = task.model()
+        params = list(model.parameters())
+        events = []
+
+        def start(tensor):
+            events.append("start")
+
+            def finish():
+                events.append("wait")
+                return tensor * 2  # as if a second rank held the same
+
+            return finish
+
+        hooks = AccumulationHooks(
+            step=lambda: events.append("optimizer step") or 0.25,
+            scale_gradients=gradient_scaler(params),
+            all_reduce_sum=lambda t: (events.append("sync"), t * 2)[1],
+            all_reduce_sum_async=start if asynchronous else None,
+        )
+        metrics = accumulation_step(model, micro, task.loss, hooks, dp_size=2, count_fn=task.count)
+        return metrics, events
+
+    eager, eager_events = run(False)
+    lazy, events = run(True)
+    if mode == "sum":
+        assert events == eager_events and "start" not in events
+        return
+    assert events[-2:] == ["start", "optimizer step"]  # started before the step, not waited for
+    assert lazy.grad_norm == eager.grad_norm and lazy.step == 0  # the other fields are there
+    assert lazy.loss == eager.loss and events[-1] == "wait"  # the first read waits, once
+    assert (lazy.items, lazy.count) == (eager.items, eager.count) == (16, eager.count)
+    assert events.count("wait") == 1
+    assert lazy.to_dict() == eager.to_dict() and lazy == eager
+
+
+def test_pending_metrics_pickle_and_compare_after_resolving():
+    import pickle
+
+    reads = []
+    metrics = StepMetrics.pending(lambda: reads.append(1) or (1.5, 8, 20.0, 0.5), loss_mode="sum", micro_steps=2)
+    clone = pickle.loads(pickle.dumps(metrics))  # pickling reads the sums first
+    assert reads == [1] and (clone.loss, clone.items, clone.count, clone.grad_norm) == (1.5, 8, 20.0, 0.5)
+    assert metrics.items == 8 and reads == [1]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metrics.nope  # noqa: B018
+
+
+def test_ddp_trainer_counts_rounds_only_when_asked(world_of_one):
+    plan = BatchPlan.solve(8, 2, world_size=1)
+    plain = DDPTrainer.from_task(mlp_task(), plan, log=False)
+    assert plain.rounds is None and plain.model.logger is not None
+    assert all(m.allreduce_rounds is None for m in plain.train(2))
+    counted = DDPTrainer.from_task(mlp_task(), plan, log=False, count_collectives=True)
+    assert [m.allreduce_rounds for m in counted.train(2)] == [1, 1]
+    assert compare_states(plain.module.state_dict(), counted.module.state_dict())["max_abs_diff"] == 0

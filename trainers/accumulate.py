@@ -44,9 +44,20 @@ class MicroBatch:
     items: int
 
 
+#: StepMetrics fields that may arrive after the step returns (see StepMetrics)
+_DEFERRED = ("loss", "items", "count", "grad_norm")
+
+
 @dataclasses.dataclass
 class StepMetrics:
-    """What one optimizer step did, identical on every rank (except `unequal_micro_batches`)."""
+    """What one optimizer step did, identical on every rank (except `unequal_micro_batches`).
+
+    `loss`, `items` and `count` are sums over all ranks. A trainer with an asynchronous
+    all-reduce (DDPTrainer) starts that sum when the last backward is done and does not wait
+    for it, and keeps the gradient norm as a tensor: the first read of one of the four waits
+    (the sum was started on every rank, so reading on one rank only is safe). A loop that
+    never reads them never waits, and on a GPU the step needs no host synchronisation.
+    """
 
     loss: float  # true global mean over the step's items/tokens (not divided by K)
     items: int  # dataset items in the step, all ranks
@@ -55,10 +66,32 @@ class StepMetrics:
     loss_mode: str  # "mean" or "sum"
     micro_steps: int
     unequal_micro_batches: bool = False  # this rank saw micro-batches of different sizes
-    allreduce_rounds: int | None = None  # filled by trainers that count them
+    allreduce_rounds: int | None = None  # filled by trainers that count them (count_collectives=True)
     lr: float | None = None
     step: int = 0
     skipped: bool = False  # fp16: the gradients overflowed and the optimizer step was skipped
+
+    @classmethod
+    def pending(cls, resolve: Callable[[], tuple[float, int, float, float]], **fields: Any) -> StepMetrics:
+        """Metrics whose (loss, items, count, grad_norm) come from `resolve()` on first read."""
+        metrics = cls(loss=0.0, items=0, count=0.0, grad_norm=0.0, **fields)
+        for name in _DEFERRED:
+            delattr(metrics, name)
+        metrics.__dict__["_resolve"] = resolve
+        return metrics
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a deferred field not read yet.
+        resolve = self.__dict__.pop("_resolve", None)
+        if resolve is None or name not in _DEFERRED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self.loss, self.items, self.count, self.grad_norm = resolve()
+        return self.__dict__[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        for name in _DEFERRED:
+            getattr(self, name)
+        return dict(self.__dict__)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,6 +118,9 @@ class AccumulationHooks:
     backward:        runs backward on the (already normalised) micro-step loss
     scale_gradients: multiplies the accumulated gradients (pair losses without count_fn)
     all_reduce_sum:  sums a small float64 tensor over data-parallel ranks (may be in place)
+    all_reduce_sum_async: when set, starts that sum and returns a function that waits for it
+                     and returns the result; the step's metrics sum then runs while the
+                     optimizer steps (it is off the critical path unless the gradients need it)
     autocast:        context around the forward (mixed precision hooks in here)
     reduce_gradients: when set, the boundary backward runs in no_sync too and this reduces
                      the accumulated gradients once after the last micro-step (the fp32
@@ -103,6 +139,7 @@ class AccumulationHooks:
     no_sync: Callable[[], AbstractContextManager[Any]] = nullcontext
     backward: Callable[[torch.Tensor], None] = _backward
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+    all_reduce_sum_async: Callable[[torch.Tensor], Callable[[], torch.Tensor]] | None = None
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
     reduce_gradients: Callable[[], None] | None = None
     progress: Callable[[int | None, str], None] = _no_progress
@@ -134,11 +171,12 @@ def optimizer_stepper(
     parameters: Iterable[torch.nn.Parameter],
     scheduler: Any = None,
     clip_grad_norm: float | None = None,
-) -> Callable[[], float]:
-    """The default `step` hook: clip the full gradient, step, schedule, zero (set_to_none)."""
+) -> Callable[[], torch.Tensor]:
+    """The default `step` hook: clip the full gradient, step, schedule, zero (set_to_none).
+    Returns the norm as a tensor: reading it is the caller's choice (a GPU sync)."""
     params = [p for p in parameters if p.requires_grad]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         if clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         else:
@@ -147,7 +185,7 @@ def optimizer_stepper(
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     return step
 
@@ -195,8 +233,9 @@ def accumulation_step(
         global_count = float(total[0])
         pre_scale = dp_size / global_count if global_count > 0 else 0.0
 
-    # [sum of loss numerators, sum of counts] on this rank, detached, never synced per micro-step
-    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    # this rank's loss numerators and counts, detached, never synced per micro-step
+    numerators: list[torch.Tensor] = []
+    counts: list[Any] = []
     mode = None
     if hooks.agree_oom is not None and hooks.reduce_gradients is None:
         raise ValueError("agree_oom needs reduce_gradients: no backward may sync gradients by itself")
@@ -231,11 +270,11 @@ def accumulation_step(
             continue
         if mb.items > 0:
             if mode == MEAN:
-                stats[0] += loss.detach().double() * mb.items
-                stats[1] += mb.items
+                numerators.append(loss.detach().double() * mb.items)
+                counts.append(mb.items)
             else:
-                stats[0] += loss.detach().double()
-                stats[1] += torch.as_tensor(count, dtype=torch.float64, device=stats.device)
+                numerators.append(loss.detach().double())
+                counts.append(count)
 
     if hooks.agree_oom is not None and hooks.agree_oom(out_of_memory):
         raise MicroBatchOutOfMemory(f"out of memory in the last of {k} micro-steps")
@@ -243,20 +282,35 @@ def accumulation_step(
         hooks.progress(None, "reduce")
         hooks.reduce_gradients()
     items = sum(mb.items for mb in real)
+    numerator = torch.stack(numerators).sum() if numerators else torch.zeros((), dtype=torch.float64, device=device)
+    if any(isinstance(c, torch.Tensor) for c in counts):
+        local_count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=numerator.device) for c in counts])
+        local_count = local_count.sum()
+    else:
+        local_count = torch.tensor(float(sum(counts)), dtype=torch.float64, device=numerator.device)
     if mode == SUM and expected_local is not None:
-        returned = float(stats[1])
+        returned = float(local_count)
         if abs(returned - expected_local) > 1e-6 * max(1.0, abs(expected_local)):
             raise ValueError(
                 f"Task.count says this rank's micro-batches hold {expected_local:g} items/tokens but the loss "
                 f"returned counts summing to {returned:g}; they must agree (count what the loss sums over)"
             )
     # The only all-reduce of counts when count_fn is absent; the loss sum rides along for
-    # the metric. With count_fn it carries the metric only.
+    # the metrics. With count_fn, or for means, it carries the metrics only: with an
+    # asynchronous hook it runs in the background and the metrics wait for it when read.
+    payload = torch.stack(
+        [numerator, local_count, torch.tensor(float(items), dtype=torch.float64, device=numerator.device)]
+    )
+    gradients_need_totals = mode == SUM and pre_scale is None
     hooks.progress(None, "totals")
-    totals = hooks.all_reduce_sum(torch.cat([stats, torch.tensor([items], dtype=torch.float64, device=stats.device)]))
-    global_loss_numer, global_count, global_items = (float(x) for x in totals)
-    if mode == SUM and pre_scale is None:
-        hooks.scale_gradients(dp_size / global_count if global_count > 0 else 0.0)
+    if hooks.all_reduce_sum_async is not None and not gradients_need_totals:
+        finish_totals = hooks.all_reduce_sum_async(payload)
+    else:
+        done = hooks.all_reduce_sum(payload)
+        finish_totals = lambda: done  # noqa: E731
+        if gradients_need_totals:
+            global_count = float(done[1])
+            hooks.scale_gradients(dp_size / global_count if global_count > 0 else 0.0)
     hooks.progress(None, "optimizer step")
     norm = hooks.step()
 
@@ -265,12 +319,14 @@ def accumulation_step(
     unequal = len(real) < k or len(set(sizes)) > 1
     if expected_micro_batch_size is not None and mode == MEAN:
         unequal = unequal or any(mb.items != expected_micro_batch_size for mb in real)
-    return StepMetrics(
-        loss=global_loss_numer / global_count if global_count > 0 else 0.0,
-        items=int(round(global_items)),
-        count=global_count,
-        grad_norm=float(norm) if norm is not None else float("nan"),
-        loss_mode=mode,
-        micro_steps=k,
-        unequal_micro_batches=unequal,
-    )
+
+    def resolve() -> tuple[float, int, float, float]:
+        numer, count_all, items_all = (float(x) for x in finish_totals())
+        loss_value = numer / count_all if count_all > 0 else 0.0
+        return loss_value, int(round(items_all)), count_all, float(norm) if norm is not None else float("nan")
+
+    fields = dict(loss_mode=mode, micro_steps=k, unequal_micro_batches=unequal)
+    if hooks.all_reduce_sum_async is not None and not gradients_need_totals:
+        return StepMetrics.pending(resolve, **fields)
+    loss_value, items_all, count_all, norm_value = resolve()
+    return StepMetrics(loss=loss_value, items=items_all, count=count_all, grad_norm=norm_value, **fields)

@@ -2,8 +2,11 @@
 
 Non-boundary micro-steps run forward AND backward inside `model.no_sync()` (DDP decides
 in forward whether the coming backward will all-reduce), so an optimizer step costs one
-gradient all-reduce round however large K is. A DDP communication hook counts the rounds
-and then calls the default all-reduce, so the claim is measured, not assumed.
+gradient all-reduce round however large K is. With `count_collectives=True` a DDP
+communication hook counts the rounds and then calls the default all-reduce, so the claim is
+measured, not assumed (`gradaccum verify` and the tests turn it on). It is off by default:
+a Python hook per bucket costs about 1% of a small model's step on CPU (benchmarks/).
+The step's metrics all-reduce (loss, items, count) runs in the background: see StepMetrics.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class DDPTrainer(BaseTrainer):
     initialised from the environment (torchrun, mpirun, srun, `gradaccum launch`) if it is
     not already, and its size must equal `plan.world_size`.
     `sync_every_micro_step=True` disables no_sync (the naive loop: K rounds per step) and
-    exists only to demonstrate and benchmark the difference.
+    exists only to demonstrate and benchmark the difference. `count_collectives=True` fills
+    `StepMetrics.allreduce_rounds` (gradient all-reduce rounds per optimizer step).
     """
 
     _supports_plan_change = True
@@ -72,6 +76,7 @@ class DDPTrainer(BaseTrainer):
         shuffle: bool = True,
         drop_last: bool = False,
         sync_every_micro_step: bool = False,
+        count_collectives: bool = False,
         backend: str | None = None,
         ddp_kwargs: dict[str, Any] | None = None,
         precision: str | None = None,
@@ -94,8 +99,9 @@ class DDPTrainer(BaseTrainer):
         else:
             device_ids = [info.device] if info.device.type == "cuda" else None
             ddp = DDP(module, device_ids=device_ids, **(ddp_kwargs or {}))
-        self.rounds = AllReduceRoundCounter()
-        ddp.register_comm_hook(self.rounds, counting_allreduce_hook)
+        self.rounds = AllReduceRoundCounter() if count_collectives else None
+        if self.rounds is not None:
+            ddp.register_comm_hook(self.rounds, counting_allreduce_hook)
         super().__init__(
             ddp,
             module,
@@ -151,6 +157,15 @@ class DDPTrainer(BaseTrainer):
         dist.all_reduce(tensor)
         return tensor
 
+    def _all_reduce_sum_async(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        work = dist.all_reduce(tensor, async_op=True)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            return tensor
+
+        return finish
+
     def _hooks(self) -> AccumulationHooks:
         amp = self.amp
         return AccumulationHooks(
@@ -159,6 +174,7 @@ class DDPTrainer(BaseTrainer):
             no_sync=nullcontext if self.sync_every_micro_step else self.model.no_sync,
             backward=amp.backward,
             all_reduce_sum=self._all_reduce_sum,
+            all_reduce_sum_async=self._all_reduce_sum_async,
             autocast=amp.autocast,
             reduce_gradients=self._reduce_gradients if amp.reduce_gradients is not None else None,
         )
@@ -166,14 +182,17 @@ class DDPTrainer(BaseTrainer):
     def _reduce_gradients(self) -> None:
         # Low-precision parameters: the fp32 accumulator's all-reduce is this step's gradient
         # round (every backward ran in no_sync, so the comm hook does not count it).
-        self.rounds.rounds += 1
+        self._count_gradient_round()
         self.amp.reduce_gradients()
 
     def _count_gradient_round(self) -> None:
-        self.rounds.rounds += 1
+        if self.rounds is not None:
+            self.rounds.rounds += 1
 
     def _before_step(self) -> None:
-        self.rounds.rounds = 0
+        if self.rounds is not None:
+            self.rounds.rounds = 0
 
     def _after_step(self, metrics: StepMetrics) -> None:
-        metrics.allreduce_rounds = self.rounds.rounds
+        if self.rounds is not None:
+            metrics.allreduce_rounds = self.rounds.rounds

@@ -176,8 +176,8 @@ class MixedPrecision:
         else:
             self._scale_grads(factor)
 
-    def step(self) -> float:
-        """Optimizer step; sets `last_step_skipped` (fp16 overflow) and returns the grad norm."""
+    def step(self) -> torch.Tensor:
+        """Optimizer step; sets `last_step_skipped` (fp16 overflow) and returns the grad norm (a tensor)."""
         if self.accumulator is not None:
             self.accumulator.write_back()
         if self.scaler is None:
@@ -199,7 +199,7 @@ class MixedPrecision:
         elif self.scheduler is not None:
             self.scheduler.step()  # the schedule counts applied updates
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def describe_skip(self, step: int) -> str:
         scale = self.scaler.get_scale() if self.scaler is not None else float("nan")

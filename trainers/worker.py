@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             collective_timeout=timeout,
             shuffle=not args.no_shuffle,
             sync_every_micro_step=args.sync_every_micro_step,
+            count_collectives=True,  # gradaccum verify reports the gradient communication rounds
             **checkpoint_kwargs,
         )
     if resume_from is not None:

@@ -32,7 +32,7 @@ def oom_task(limit: int):
 def main() -> None:
     out, steps = sys.argv[1], int(sys.argv[2])
     plan = BatchPlan.solve(16, 8, world_size=2)
-    trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False)
+    trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False, count_collectives=True)
     trainer.enable_oom_fallback()
     history = trainer.train(steps)
     if dist.get_rank() == 0:
