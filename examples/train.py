@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank0:
                 print(
                     f"step {m.step} loss {m.loss:.6f} items {m.items} tokens {m.count:.0f} "
-                    f"grad_norm {m.grad_norm:.4f} allreduce_rounds {m.allreduce_rounds}",
+                    f"grad_norm {m.grad_norm if m.grad_norm is None else format(m.grad_norm, '.4f')} "
+                    f"allreduce_rounds {m.allreduce_rounds}",
                     flush=True,
                 )
 

@@ -123,8 +123,8 @@ def test_trainer_with_bf16_parameters_accumulates_in_fp32(world_of_one):
 # ------------------------------------------------------------------------ fp16 paths
 def test_fp16_unscales_once_before_clipping(world_of_one):
     plan = BatchPlan.solve(16, 4, world_size=1)
-    ref = ReferenceTrainer.from_task(mlp_task(), plan).train(3)
-    fp16 = DDPTrainer.from_task(mlp_task(), plan, log=False, precision="fp16")
+    ref = ReferenceTrainer.from_task(mlp_task(), plan, track_grad_norm=True).train(3)
+    fp16 = DDPTrainer.from_task(mlp_task(), plan, log=False, precision="fp16", track_grad_norm=True)
     history = fp16.train(3)
     assert fp16.amp.scaler.get_scale() == 65536.0  # no overflow, no growth yet
     for a, b in zip(ref, history, strict=True):

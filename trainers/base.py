@@ -103,6 +103,7 @@ class BaseTrainer:
         collate: Callable[[list], Any] | None = None,
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
+        track_grad_norm: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
@@ -126,6 +127,8 @@ class BaseTrainer:
         self.collate = collate or default_collate
         self.scheduler = scheduler
         self.clip_grad_norm = clip_grad_norm
+        # StepMetrics.grad_norm: measured when clipping anyway, or when asked (a pass over every gradient)
+        self.track_grad_norm = track_grad_norm
         self.device = device or torch.device("cpu")
         self.dp_rank = dp_rank
         self.log_every = log_every
@@ -277,9 +280,9 @@ class BaseTrainer:
                     micro_indices = self.sampler.split(self.sampler.last_global_batch)[self.dp_rank]
             history.append(metrics)
             if self.log_every and metrics.step % self.log_every == 0:
+                norm = f"grad-norm {metrics.grad_norm:.4g}  " if metrics.grad_norm is not None else ""
                 self.log(
-                    f"step {metrics.step:>5}  loss {metrics.loss:.6f}  items {metrics.items}  "
-                    f"grad-norm {metrics.grad_norm:.4g}  lr {metrics.lr:.3g}"
+                    f"step {metrics.step:>5}  loss {metrics.loss:.6f}  items {metrics.items}  {norm}lr {metrics.lr:.3g}"
                 )
             stop = self._after_train_step(metrics.step)
             if callback is not None:

@@ -72,6 +72,7 @@ class DDPTrainer(BaseTrainer):
         collate: Callable[[list], Any] | None = None,
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
+        track_grad_norm: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
@@ -113,6 +114,7 @@ class DDPTrainer(BaseTrainer):
             collate=collate,
             scheduler=scheduler,
             clip_grad_norm=clip_grad_norm,
+            track_grad_norm=track_grad_norm,
             seed=seed,
             shuffle=shuffle,
             drop_last=drop_last,
@@ -135,6 +137,7 @@ class DDPTrainer(BaseTrainer):
             clip_grad_norm,
             all_reduce_sum=self._all_reduce_sum,
             world_size=info.world_size,
+            track_grad_norm=track_grad_norm,
         )
         # names the rank(s) the others wait for and exits, instead of hanging (None: one process)
         self.watchdog = Watchdog.for_process_group(collective_timeout)

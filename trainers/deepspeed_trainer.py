@@ -204,6 +204,7 @@ class DeepSpeedTrainer(BaseTrainer):
         collate: Callable[[list], Any] | None = None,
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
+        track_grad_norm: bool = False,
         precision: str | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -283,6 +284,7 @@ class DeepSpeedTrainer(BaseTrainer):
             collate=collate,
             scheduler=engine_scheduler,
             clip_grad_norm=config["gradient_clipping"] or None,
+            track_grad_norm=track_grad_norm,
             seed=seed,
             shuffle=shuffle,
             drop_last=drop_last,
@@ -355,7 +357,8 @@ class DeepSpeedTrainer(BaseTrainer):
                 f"DeepSpeed's micro-step counter ({self.engine.micro_steps}) is not at an accumulation boundary "
                 f"after {self.plan.gradient_accumulation_steps} micro-steps: step() was called outside the trainer"
             )
-        norm = grad_norm(self._params) if self._norm_from_params else None
+        # our own pass over the gradients only when asked; the engine's norm (when it took one) is free
+        norm = grad_norm(self._params) if self._norm_from_params and self.track_grad_norm else None
         self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()

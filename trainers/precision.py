@@ -134,6 +134,7 @@ class MixedPrecision:
         *,
         all_reduce_sum: Callable[[torch.Tensor], Any] | None = None,
         world_size: int = 1,
+        track_grad_norm: bool = False,
     ) -> None:
         self.precision = check_precision(precision)
         self.device = torch.device(device)
@@ -150,7 +151,8 @@ class MixedPrecision:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.accumulator = Fp32GradAccumulator(self.params) if low else None
         self._all_reduce_sum, self._world_size = all_reduce_sum, world_size
-        self._plain_step = optimizer_stepper(optimizer, self.params, scheduler, clip_grad_norm)
+        self.track_grad_norm = track_grad_norm
+        self._plain_step = optimizer_stepper(optimizer, self.params, scheduler, clip_grad_norm, track_grad_norm)
         self._scale_grads = gradient_scaler(self.params)
         self.last_step_skipped = False
         self.skipped_steps = 0
@@ -176,7 +178,7 @@ class MixedPrecision:
         else:
             self._scale_grads(factor)
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> torch.Tensor | None:
         """Optimizer step; sets `last_step_skipped` (fp16 overflow) and returns the grad norm (a tensor)."""
         if self.accumulator is not None:
             self.accumulator.write_back()
@@ -185,9 +187,10 @@ class MixedPrecision:
             return self._plain_step()
         scaler = self.scaler
         scaler.unscale_(self.optimizer)  # once per optimizer step, before clipping
+        norm = None
         if self.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
-        else:
+        elif self.track_grad_norm:
             norm = grad_norm(self.params)
         scale = scaler.get_scale()
         scaler.step(self.optimizer)  # skips optimizer.step() when a gradient is inf/nan
@@ -199,7 +202,7 @@ class MixedPrecision:
         elif self.scheduler is not None:
             self.scheduler.step()  # the schedule counts applied updates
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return None if norm is None else norm.detach()
 
     def describe_skip(self, step: int) -> str:
         scale = self.scaler.get_scale() if self.scaler is not None else float("nan")

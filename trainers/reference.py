@@ -45,6 +45,7 @@ class ReferenceTrainer(BaseTrainer):
         collate: Callable[[list], Any] | None = None,
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
+        track_grad_norm: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
@@ -65,6 +66,7 @@ class ReferenceTrainer(BaseTrainer):
             collate=collate,
             scheduler=scheduler,
             clip_grad_norm=clip_grad_norm,
+            track_grad_norm=track_grad_norm,
             seed=seed,
             shuffle=shuffle,
             drop_last=drop_last,
@@ -72,7 +74,15 @@ class ReferenceTrainer(BaseTrainer):
             log_every=log_every,
             precision=precision,
         )
-        self.amp = MixedPrecision(self.precision, device, model.parameters(), optimizer, scheduler, clip_grad_norm)
+        self.amp = MixedPrecision(
+            self.precision,
+            device,
+            model.parameters(),
+            optimizer,
+            scheduler,
+            clip_grad_norm,
+            track_grad_norm=track_grad_norm,
+        )
 
     @classmethod
     def from_task(cls, task: Task, plan: BatchPlan | int, **kwargs: Any) -> ReferenceTrainer:
