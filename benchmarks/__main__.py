@@ -27,9 +27,9 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
     # warmup: rounds dropped; steps: rounds timed (each contender takes one optimizer step per
-    # round), per workload: the LM's steps are 4x shorter, so it affords 4x the rounds (the
+    # round), per workload: the LM's steps are 4x shorter, so it affords more rounds (the
     # median of the per-round ratios then resolves about 1%: see the A/A noise floor)
-    "training": {"warmup": 2, "steps": {"mlp": 100, "lm": 300, "lm-mean": 300}, "micro": 4, "k": 4},
+    "training": {"warmup": 2, "steps": {"mlp": 200, "lm": 300, "lm-mean": 300}, "micro": 4, "k": 4},
     "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "warmup": 2, "steps": 20},
     "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "warmup": 2, "steps": 20},
     "microbatch_trial_sizes": None,  # autobatch's defaults
@@ -75,8 +75,8 @@ def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[st
 
     workloads: dict[str, Any] = {}
     if "overhead" in selected:
-        workloads["mlp"] = spec("mlp", ["ours", "hand", "ours-copy"])
-        workloads["lm"] = spec("lm", ["ours", "hand", "ours-copy"])
+        workloads["mlp"] = spec("mlp", ["ours", "hand", "ours-copy", "ours-ddp-defaults"])
+        workloads["lm"] = spec("lm", ["ours", "hand", "ours-copy", "ours-ddp-defaults"])
     if "peers" in selected and peer_list:
         workloads.setdefault("mlp", spec("mlp", ["ours", "hand"]))["contenders"] += peer_list
         if not quick:  # the LM through the peers, with the loss they scale (per-micro-batch mean / K)

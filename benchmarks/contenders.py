@@ -63,7 +63,12 @@ class Ours(Contender):
     (the comm benchmark turns on `count_collectives` for its round counts)."""
 
     def __init__(
-        self, task: Task, plan: BatchPlan, sync_every_micro_step: bool = False, count_collectives: bool = False
+        self,
+        task: Task,
+        plan: BatchPlan,
+        sync_every_micro_step: bool = False,
+        count_collectives: bool = False,
+        ddp_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from trainers import DDPTrainer
 
@@ -77,6 +82,7 @@ class Ours(Contender):
             log=False,
             sync_every_micro_step=sync_every_micro_step,
             count_collectives=count_collectives,
+            ddp_kwargs=ddp_kwargs,
         )
         self.module = self.trainer.module
         self.last_metrics = None
@@ -302,6 +308,10 @@ def make_contender(name: str, task: Task, plan: BatchPlan, rank: int, count_coll
         copy = Ours(task, plan)
         copy.name = name
         return copy
+    if name == "ours-ddp-defaults":  # ours on PyTorch's DDP defaults: what DDP_DEFAULTS is worth
+        plain = Ours(task, plan, ddp_kwargs={"gradient_as_bucket_view": False})
+        plain.name = name
+        return plain
     if name == "naive":
         return Ours(task, plan, sync_every_micro_step=True, count_collectives=count_collectives)
     if name == "hand":

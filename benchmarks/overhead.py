@@ -86,6 +86,12 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
             # A/A: ours against an identical copy of itself, measured the same way. Its spread
             # is the resolution of this run: smaller differences are noise.
             entry["noise_floor"] = paired_ratios(w["ms_per_step"]["ours"], w["ms_per_step"]["ours-copy"])
+        if "ours-ddp-defaults" in w["ms_per_step"]:
+            # ours with PyTorch's DDP defaults (no gradient_as_bucket_view) against the hand loop:
+            # the trainer's own overhead, without what its DDP settings win
+            entry["ddp_defaults_vs_hand"] = paired_ratios(
+                w["ms_per_step"]["ours-ddp-defaults"], w["ms_per_step"]["hand"]
+            )
         result["workloads"][workload] = entry
         targets.append(
             Target(

@@ -38,6 +38,11 @@ def markdown(results: dict[str, Any]) -> str:
             rows.append(
                 [workload, "ours, identical copy (noise floor)", _ratio(nf), _spread(nf), _ms(e["ms_ours"]), ""]
             )
+        if "ddp_defaults_vs_hand" in e:
+            dd = e["ddp_defaults_vs_hand"]
+            rows.append(
+                [workload, "hand loop, ours on PyTorch's DDP defaults", _ratio(dd), _spread(dd), "", _ms(e["ms_hand"])]
+            )
     for workload, peers in b.get("peers", {}).get("workloads", {}).items():
         for peer, e in peers.items():
             rows.append(

@@ -29,6 +29,12 @@ from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, Watchdog, init_di
 from trainers.precision import MixedPrecision
 from trainers.task import Task
 
+#: Where DDPTrainer departs from DistributedDataParallel's defaults (`ddp_kwargs` overrides):
+#: gradients are views into the all-reduce buckets, so no copy between the two at each sync
+#: and one gradient-sized buffer less (PyTorch's own advice; about 6% of the 5M-parameter
+#: MLP's step on CPU, benchmarks/). The gradients are exactly the same numbers.
+DDP_DEFAULTS: dict[str, Any] = {"gradient_as_bucket_view": True}
+
 
 class AllReduceRoundCounter:
     """State for `counting_allreduce_hook`: rounds = backward passes that communicated."""
@@ -53,7 +59,8 @@ class DDPTrainer(BaseTrainer):
     `model` is the plain module (or an existing DDP wrapper); the process group is
     initialised from the environment (torchrun, mpirun, srun, `gradaccum launch`) if it is
     not already, and its size must equal `plan.world_size`.
-    `sync_every_micro_step=True` disables no_sync (the naive loop: K rounds per step) and
+    `ddp_kwargs` go to DistributedDataParallel on top of `DDP_DEFAULTS`
+    (`gradient_as_bucket_view=True`). `sync_every_micro_step=True` disables no_sync (the naive loop: K rounds per step) and
     exists only to demonstrate and benchmark the difference. `count_collectives=True` fills
     `StepMetrics.allreduce_rounds` (gradient all-reduce rounds per optimizer step).
     """
@@ -99,7 +106,7 @@ class DDPTrainer(BaseTrainer):
             ddp = model
         else:
             device_ids = [info.device] if info.device.type == "cuda" else None
-            ddp = DDP(module, device_ids=device_ids, **(ddp_kwargs or {}))
+            ddp = DDP(module, device_ids=device_ids, **{**DDP_DEFAULTS, **(ddp_kwargs or {})})
         self.rounds = AllReduceRoundCounter() if count_collectives else None
         if self.rounds is not None:
             ddp.register_comm_hook(self.rounds, counting_allreduce_hook)
