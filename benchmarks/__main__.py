@@ -27,9 +27,11 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
     # warmup: rounds dropped; steps: rounds timed (each contender takes one optimizer step per
-    # round), per workload: the LM's steps are 4x shorter, so it affords more rounds (the
-    # median of the per-round ratios then resolves about 1%: see the A/A noise floor)
-    "training": {"warmup": 2, "steps": {"mlp": 200, "lm": 300, "lm-mean": 300}, "micro": 4, "k": 4},
+    # round), per workload: the LM's steps are 4x shorter, so it affords more rounds.
+    # launches: the rounds are split over this many separate launches of the two processes and
+    # pooled. Repeated runs of one launch differed by 1-2% in the median ratio (where the
+    # processes and their memory landed lasts a launch): more rounds do not average that out.
+    "training": {"warmup": 2, "steps": {"mlp": 200, "lm": 300, "lm-mean": 300}, "micro": 4, "k": 4, "launches": 3},
     "comm": {"workload": "mlp", "micro": 4, "ks": [1, 2, 4, 8], "count_steps": 2, "warmup": 2, "steps": 20},
     "microbatch": {"global_batch": 64, "sizes": [1, 2, 4, 8, 16, 32], "warmup": 2, "steps": 20},
     "microbatch_trial_sizes": None,  # autobatch's defaults
@@ -38,7 +40,7 @@ FULL = {
     "timeout_s": 540,
 }
 QUICK = {
-    "training": {"warmup": 1, "steps": 3, "micro": 2, "k": 2},
+    "training": {"warmup": 1, "steps": 3, "micro": 2, "k": 2, "launches": 1},
     "comm": {"workload": "mlp", "micro": 2, "ks": [1, 2], "count_steps": 1, "warmup": 1, "steps": 3},
     "microbatch": {"global_batch": 8, "sizes": [1, 2, 4], "warmup": 1, "steps": 3},
     "microbatch_trial_sizes": [1, 2],
@@ -71,6 +73,7 @@ def training_config(cfg: dict[str, Any], selected: list[str], peer_list: list[st
 
     def spec(workload: str, contenders: list[str]) -> dict[str, Any]:
         steps = t["steps"][workload] if isinstance(t["steps"], dict) else t["steps"]
+        steps = -(-steps // t["launches"])  # per launch, rounded up
         return {"micro": t["micro"], "k": t["k"], "steps": steps, "contenders": contenders}
 
     workloads: dict[str, Any] = {}
@@ -130,9 +133,17 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     dist_error: Exception | None = None
     if jobs:
-        log(f"benchmarks: one launch of 2 processes (gloo) for: {', '.join(jobs)}")
+        launches = cfg["training"]["launches"] if "training" in jobs else 1
+        log(f"benchmarks: {launches} launch(es) of 2 processes (gloo) for: {', '.join(jobs)}")
         try:
             raw = run_distributed(jobs, args.quick, cfg["timeout_s"])
+            if launches > 1:  # the training rounds of further launches, pooled with the first's
+                parts = [raw["training"]]
+                for _ in range(launches - 1):
+                    parts.append(
+                        run_distributed({"training": jobs["training"]}, args.quick, cfg["timeout_s"])["training"]
+                    )
+                raw["training"] = overhead.pool_launches(parts)
         except Exception as e:  # noqa: BLE001 - reported for each benchmark of the launch
             dist_error = e
 

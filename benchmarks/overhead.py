@@ -53,6 +53,33 @@ def worker_job(cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return out
 
 
+def pool_launches(launches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One training job's figures from several launches: the rounds of all, in launch order
+    (each round stays paired), the largest weight difference, the per-launch medians kept."""
+    pooled = dict(launches[0])
+    pooled["launches"] = len(launches)
+    pooled["wall_s"] = sum(launch.get("wall_s", 0.0) for launch in launches)
+    for workload, first in launches[0].items():
+        if not isinstance(first, dict) or "ms_per_step" not in first:
+            continue
+        parts = [launch[workload] for launch in launches]
+        w = dict(first)
+        w["rounds"] = sum(p["rounds"] for p in parts)
+        w["ms_per_step"] = {name: [ms for p in parts for ms in p["ms_per_step"][name]] for name in first["ms_per_step"]}
+        w["steps_done"] = {name: sum(p["steps_done"][name] for p in parts) for name in first["steps_done"]}
+        w["weights_vs_ours"] = {
+            name: {key: max(p["weights_vs_ours"][name][key] for p in parts) for key in diffs}
+            for name, diffs in first["weights_vs_ours"].items()
+        }
+        w["launch_medians_vs_ours"] = {
+            name: [paired_ratios(p["ms_per_step"]["ours"], p["ms_per_step"][name])["median"] for p in parts]
+            for name in first["ms_per_step"]
+            if name != "ours"
+        }
+        pooled[workload] = w
+    return pooled
+
+
 def compare(raw_workload: dict[str, Any], other: str) -> dict[str, Any]:
     ms = raw_workload["ms_per_step"]
     return {
@@ -60,6 +87,7 @@ def compare(raw_workload: dict[str, Any], other: str) -> dict[str, Any]:
         "ms_ours": summary(ms["ours"]),
         f"ms_{other}": summary(ms[other]),
         "weights": raw_workload["weights_vs_ours"][other],
+        "launch_medians": raw_workload.get("launch_medians_vs_ours", {}).get(other),
     }
 
 
@@ -86,6 +114,7 @@ def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
             # A/A: ours against an identical copy of itself, measured the same way. Its spread
             # is the resolution of this run: smaller differences are noise.
             entry["noise_floor"] = paired_ratios(w["ms_per_step"]["ours"], w["ms_per_step"]["ours-copy"])
+            entry["noise_floor"]["launch_medians"] = w.get("launch_medians_vs_ours", {}).get("ours-copy")
         if "ours-ddp-defaults" in w["ms_per_step"]:
             # ours with PyTorch's DDP defaults (no gradient_as_bucket_view) against the hand loop:
             # the trainer's own overhead, without what its DDP settings win

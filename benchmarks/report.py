@@ -16,6 +16,11 @@ def _spread(r: dict[str, Any]) -> str:
     return f"{r['min']:.3f}–{r['max']:.3f}"
 
 
+def _launches(r: dict[str, Any]) -> str:
+    medians = r.get("launch_medians")
+    return " / ".join(f"{m:.3f}" for m in medians) if medians else ""
+
+
 def _ms(s: dict[str, Any]) -> str:
     return f"{s['median']:.1f}"
 
@@ -30,29 +35,55 @@ def markdown(results: dict[str, Any]) -> str:
     out: list[str] = []
     rows = []
     for workload, e in b.get("overhead", {}).get("workloads", {}).items():
+        ratio = e["ratio"]
         rows.append(
-            [workload, "hand loop", _ratio(e["ratio"]), _spread(e["ratio"]), _ms(e["ms_ours"]), _ms(e["ms_hand"])]
+            [workload, "hand loop", _ratio(ratio), _launches(e), _spread(ratio), _ms(e["ms_ours"]), _ms(e["ms_hand"])]
         )
         if "noise_floor" in e:
             nf = e["noise_floor"]
             rows.append(
-                [workload, "ours, identical copy (noise floor)", _ratio(nf), _spread(nf), _ms(e["ms_ours"]), ""]
+                [
+                    workload,
+                    "ours, identical copy (noise floor)",
+                    _ratio(nf),
+                    _launches(nf),
+                    _spread(nf),
+                    _ms(e["ms_ours"]),
+                    "",
+                ]
             )
         if "ddp_defaults_vs_hand" in e:
             dd = e["ddp_defaults_vs_hand"]
             rows.append(
-                [workload, "hand loop, ours on PyTorch's DDP defaults", _ratio(dd), _spread(dd), "", _ms(e["ms_hand"])]
+                [
+                    workload,
+                    "hand loop, ours on PyTorch's DDP defaults",
+                    _ratio(dd),
+                    "",
+                    _spread(dd),
+                    "",
+                    _ms(e["ms_hand"]),
+                ]
             )
     for workload, peers in b.get("peers", {}).get("workloads", {}).items():
         for peer, e in peers.items():
             rows.append(
-                [workload, peer, _ratio(e["ratio"]), _spread(e["ratio"]), _ms(e["ms_ours"]), _ms(e[f"ms_{peer}"])]
+                [
+                    workload,
+                    peer,
+                    _ratio(e["ratio"]),
+                    _launches(e),
+                    _spread(e["ratio"]),
+                    _ms(e["ms_ours"]),
+                    _ms(e[f"ms_{peer}"]),
+                ]
             )
     if rows:
         out.append(
             "Time per optimizer step, ours / theirs (2 processes, gloo; one step each in turn, ratio per round):\n"
         )
-        out += _table(["workload", "vs", "ratio (median)", "spread (min–max)", "ours ms", "theirs ms"], rows)
+        header = ["workload", "vs", "ratio (median)", "per launch", "spread (min–max)", "ours ms", "theirs ms"]
+        out += _table(header, rows)
         out.append("")
     if "comm" in b and "per_k" in b["comm"]:
         rows = []

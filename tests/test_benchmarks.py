@@ -89,3 +89,36 @@ def test_quick_benchmarks_end_to_end(tmp_path):
     for png in ("training.png", "comm.png", "memory.png", "microbatch.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     assert sorted(results["plots"]) == sorted(["training.png", "comm.png", "memory.png", "microbatch.png"])
+
+
+def test_rounds_of_several_launches_are_pooled_in_pairs():
+    """The full run splits the training rounds over separate launches: pooling keeps every
+    round's pair together, adds the rounds, keeps the worst weight difference and each
+    launch's own median ratio."""
+    from benchmarks.overhead import pool_launches, summarize
+
+    def launch(ours, hand, diff):
+        return {
+            "warmup": 2,
+            "wall_s": 10.0,
+            "lm": {
+                "task": "LM",
+                "parameters": 5,
+                "plan": {},
+                "rounds": len(ours),
+                "ms_per_step": {"ours": ours, "hand": hand},
+                "steps_done": {"ours": len(ours) + 2, "hand": len(hand) + 2},
+                "weights_vs_ours": {"hand": {"max_abs_diff": diff, "max_rel_diff": diff}},
+            },
+        }
+
+    pooled = pool_launches([launch([10.0, 20.0], [10.0, 10.0], 0.0), launch([30.0], [20.0], 1e-7)])
+    lm = pooled["lm"]
+    assert lm["rounds"] == 3 and pooled["launches"] == 2 and pooled["wall_s"] == 20.0
+    assert lm["ms_per_step"] == {"ours": [10.0, 20.0, 30.0], "hand": [10.0, 10.0, 20.0]}
+    assert lm["steps_done"] == {"ours": 7, "hand": 7}
+    assert lm["weights_vs_ours"]["hand"]["max_rel_diff"] == 1e-7
+    assert lm["launch_medians_vs_ours"]["hand"] == [1.5, 1.5]
+    result, targets = summarize(pooled)
+    assert result["workloads"]["lm"]["ratio"]["median"] == 1.5  # ratios per round: 1.0, 2.0, 1.5
+    assert [t.passed for t in targets] == [False, True]

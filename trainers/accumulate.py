@@ -274,12 +274,8 @@ def accumulation_step(
             out_of_memory, loss = True, None  # drop the graph; the others learn of it next
             continue
         if mb.items > 0:
-            if mode == MEAN:
-                numerators.append(loss.detach().double() * mb.items)
-                counts.append(mb.items)
-            else:
-                numerators.append(loss.detach().double())
-                counts.append(count)
+            numerators.append(loss.detach())
+            counts.append(mb.items if mode == MEAN else count)
 
     if hooks.agree_oom is not None and hooks.agree_oom(out_of_memory):
         raise MicroBatchOutOfMemory(f"out of memory in the last of {k} micro-steps")
@@ -287,8 +283,18 @@ def accumulation_step(
         hooks.progress(None, "reduce")
         hooks.reduce_gradients()
     items = sum(mb.items for mb in real)
-    numerator = torch.stack(numerators).sum() if numerators else torch.zeros((), dtype=torch.float64, device=device)
-    if any(isinstance(c, torch.Tensor) for c in counts):
+    # float64 sums of this rank's numerators (a mean times its items) and counts: a few
+    # tensor operations per step, none per micro-step
+    if numerators:
+        values = torch.stack(numerators).double()
+        if mode == MEAN:
+            values = values * torch.tensor(counts, dtype=torch.float64, device=values.device)
+        numerator = values.sum()
+    else:
+        numerator = torch.zeros((), dtype=torch.float64, device=device)
+    if counts and all(isinstance(c, torch.Tensor) for c in counts):
+        local_count = torch.stack(counts).sum().double()
+    elif any(isinstance(c, torch.Tensor) for c in counts):
         local_count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=numerator.device) for c in counts])
         local_count = local_count.sum()
     else:
