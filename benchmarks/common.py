@@ -115,10 +115,12 @@ def source_state() -> dict[str, Any]:
             proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired):
             return ""
-        return proc.stdout.strip() if proc.returncode == 0 else ""
+        return proc.stdout if proc.returncode == 0 else ""
 
+    # porcelain lines are "XY path": the status may start with a space, so no strip before slicing
     dirty = git("status", "--porcelain", "--", "trainers", "launcher", "benchmarks", "examples")
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": [line[3:] for line in dirty.splitlines()]}
+    uncommitted = [line[3:] for line in dirty.splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": uncommitted}
 
 
 def _cpu_model() -> str:

@@ -34,50 +34,24 @@ def markdown(results: dict[str, Any]) -> str:
     b = results["benchmarks"]
     out: list[str] = []
     rows = []
+
+    def row(workload: str, vs: str, ratio: dict[str, Any], ours: dict[str, Any] | None, theirs: Any) -> None:
+        theirs_ms = _ms(theirs) if isinstance(theirs, dict) else ""
+        ours_ms = _ms(ours) if ours else ""
+        rows.append([workload, vs, _ratio(ratio), _launches(ratio), _spread(ratio), ours_ms, theirs_ms])
+
     for workload, e in b.get("overhead", {}).get("workloads", {}).items():
-        ratio = e["ratio"]
-        rows.append(
-            [workload, "hand loop", _ratio(ratio), _launches(e), _spread(ratio), _ms(e["ms_ours"]), _ms(e["ms_hand"])]
+        row(
+            workload, "hand loop", {**e["ratio"], "launch_medians": e.get("launch_medians")}, e["ms_ours"], e["ms_hand"]
         )
         if "noise_floor" in e:
-            nf = e["noise_floor"]
-            rows.append(
-                [
-                    workload,
-                    "ours, identical copy (noise floor)",
-                    _ratio(nf),
-                    _launches(nf),
-                    _spread(nf),
-                    _ms(e["ms_ours"]),
-                    "",
-                ]
-            )
+            row(workload, "ours, identical copy (noise floor)", e["noise_floor"], e["ms_ours"], None)
         if "ddp_defaults_vs_hand" in e:
-            dd = e["ddp_defaults_vs_hand"]
-            rows.append(
-                [
-                    workload,
-                    "hand loop, ours on PyTorch's DDP defaults",
-                    _ratio(dd),
-                    "",
-                    _spread(dd),
-                    "",
-                    _ms(e["ms_hand"]),
-                ]
-            )
+            row(workload, "hand loop, ours on PyTorch's DDP defaults", e["ddp_defaults_vs_hand"], None, e["ms_hand"])
     for workload, peers in b.get("peers", {}).get("workloads", {}).items():
         for peer, e in peers.items():
-            rows.append(
-                [
-                    workload,
-                    peer,
-                    _ratio(e["ratio"]),
-                    _launches(e),
-                    _spread(e["ratio"]),
-                    _ms(e["ms_ours"]),
-                    _ms(e[f"ms_{peer}"]),
-                ]
-            )
+            ratio = {**e["ratio"], "launch_medians": e.get("launch_medians")}
+            row(workload, peer, ratio, e["ms_ours"], e[f"ms_{peer}"])
     if rows:
         out.append(
             "Time per optimizer step, ours / theirs (2 processes, gloo; one step each in turn, ratio per round):\n"
