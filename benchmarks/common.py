@@ -165,18 +165,23 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_checked(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run a command to completion; return stdout, or raise with the tail of stderr."""
-    proc = subprocess.Popen(
+def _start(argv: Sequence[str], env: dict[str, str] | None, stderr: int) -> subprocess.Popen:
+    """A command in its own session (so its whole group can be killed), from the repo root."""
+    return subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         stdin=subprocess.DEVNULL,
         text=True,
         env=env or child_env(),
         cwd=REPO,
         start_new_session=True,
     )
+
+
+def run_checked(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    """Run a command to completion; return stdout, or raise with the tail of stderr."""
+    proc = _start(argv, env, subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -200,16 +205,7 @@ def time_command(argv: Sequence[str], env: dict[str, str] | None = None, timeout
 def time_to_line(argv: Sequence[str], prefix: str, env: dict[str, str] | None = None, timeout: float = 180) -> float:
     """Wall seconds from start until stdout prints a line starting with `prefix`; then stops it."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        list(argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env or child_env(),
-        cwd=REPO,
-        start_new_session=True,
-    )
+    proc = _start(argv, env, subprocess.DEVNULL)
     try:
         deadline = t0 + timeout
         for line in proc.stdout:

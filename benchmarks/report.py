@@ -16,8 +16,7 @@ def _spread(r: dict[str, Any]) -> str:
     return f"{r['min']:.3f}–{r['max']:.3f}"
 
 
-def _launches(r: dict[str, Any]) -> str:
-    medians = r.get("launch_medians")
+def _launches(medians: list[float] | None) -> str:
     return " / ".join(f"{m:.3f}" for m in medians) if medians else ""
 
 
@@ -35,23 +34,29 @@ def markdown(results: dict[str, Any]) -> str:
     out: list[str] = []
     rows = []
 
-    def row(workload: str, vs: str, ratio: dict[str, Any], ours: dict[str, Any] | None, theirs: Any) -> None:
-        theirs_ms = _ms(theirs) if isinstance(theirs, dict) else ""
-        ours_ms = _ms(ours) if ours else ""
-        rows.append([workload, vs, _ratio(ratio), _launches(ratio), _spread(ratio), ours_ms, theirs_ms])
+    def row(
+        workload: str, vs: str, ratio: dict[str, Any], launches: list[float] | None, ours: Any, theirs: Any
+    ) -> None:
+        ms = [_ms(s) if s else "" for s in (ours, theirs)]
+        rows.append([workload, vs, _ratio(ratio), _launches(launches), _spread(ratio), *ms])
 
     for workload, e in b.get("overhead", {}).get("workloads", {}).items():
-        row(
-            workload, "hand loop", {**e["ratio"], "launch_medians": e.get("launch_medians")}, e["ms_ours"], e["ms_hand"]
-        )
+        row(workload, "hand loop", e["ratio"], e.get("launch_medians"), e["ms_ours"], e["ms_hand"])
         if "noise_floor" in e:
-            row(workload, "ours, identical copy (noise floor)", e["noise_floor"], e["ms_ours"], None)
+            nf = e["noise_floor"]
+            row(workload, "ours, identical copy (noise floor)", nf, nf.get("launch_medians"), e["ms_ours"], None)
         if "ddp_defaults_vs_hand" in e:
-            row(workload, "hand loop, ours on PyTorch's DDP defaults", e["ddp_defaults_vs_hand"], None, e["ms_hand"])
+            row(
+                workload,
+                "hand loop, ours on PyTorch's DDP defaults",
+                e["ddp_defaults_vs_hand"],
+                None,
+                None,
+                e["ms_hand"],
+            )
     for workload, peers in b.get("peers", {}).get("workloads", {}).items():
         for peer, e in peers.items():
-            ratio = {**e["ratio"], "launch_medians": e.get("launch_medians")}
-            row(workload, peer, ratio, e["ms_ours"], e[f"ms_{peer}"])
+            row(workload, peer, e["ratio"], e.get("launch_medians"), e["ms_ours"], e[f"ms_{peer}"])
     if rows:
         out.append(
             "Time per optimizer step, ours / theirs (2 processes, gloo; one step each in turn, ratio per round):\n"

@@ -292,9 +292,7 @@ def accumulation_step(
         numerator = values.sum()
     else:
         numerator = torch.zeros((), dtype=torch.float64, device=device)
-    if counts and all(isinstance(c, torch.Tensor) for c in counts):
-        local_count = torch.stack(counts).sum().double()
-    elif any(isinstance(c, torch.Tensor) for c in counts):
+    if any(isinstance(c, torch.Tensor) for c in counts):
         local_count = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=numerator.device) for c in counts])
         local_count = local_count.sum()
     else:
@@ -313,8 +311,9 @@ def accumulation_step(
         [numerator, local_count, torch.tensor(float(items), dtype=torch.float64, device=numerator.device)]
     )
     gradients_need_totals = mode == SUM and pre_scale is None
+    deferred = hooks.all_reduce_sum_async is not None and not gradients_need_totals
     hooks.progress(None, "totals")
-    if hooks.all_reduce_sum_async is not None and not gradients_need_totals:
+    if deferred:
         finish_totals = hooks.all_reduce_sum_async(payload)
     else:
         done = hooks.all_reduce_sum(payload)
@@ -337,7 +336,7 @@ def accumulation_step(
         return loss_value, int(round(items_all)), count_all, None if norm is None else float(norm)
 
     fields = dict(loss_mode=mode, micro_steps=k, unequal_micro_batches=unequal)
-    if hooks.all_reduce_sum_async is not None and not gradients_need_totals:
+    if deferred:
         return StepMetrics.pending(resolve, **fields)
     loss_value, items_all, count_all, norm_value = resolve()
     return StepMetrics(loss=loss_value, items=items_all, count=count_all, grad_norm=norm_value, **fields)

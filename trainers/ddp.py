@@ -60,9 +60,10 @@ class DDPTrainer(BaseTrainer):
     initialised from the environment (torchrun, mpirun, srun, `gradaccum launch`) if it is
     not already, and its size must equal `plan.world_size`.
     `ddp_kwargs` go to DistributedDataParallel on top of `DDP_DEFAULTS`
-    (`gradient_as_bucket_view=True`). `sync_every_micro_step=True` disables no_sync (the naive loop: K rounds per step) and
-    exists only to demonstrate and benchmark the difference. `count_collectives=True` fills
-    `StepMetrics.allreduce_rounds` (gradient all-reduce rounds per optimizer step).
+    (`gradient_as_bucket_view=True`). `sync_every_micro_step=True` disables no_sync (the
+    naive loop: K rounds per step) and exists only to demonstrate and benchmark the
+    difference. `count_collectives=True` fills `StepMetrics.allreduce_rounds` (gradient
+    all-reduce rounds per optimizer step).
     """
 
     _supports_plan_change = True
