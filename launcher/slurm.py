@@ -1,7 +1,8 @@
 """Slurm: sbatch scripts rendered from the plan; submit, status, cancel through Slurm's own CLI.
 
-`render_sbatch` is pure (text from `slurm/templates/`, pinned by golden files). Three ways
-to start the workers inside the job:
+`render_sbatch` is pure (the job's frame from `slurm/templates/job.sbatch.in`, the block
+that starts the workers from the launcher's backend in `launcher.backends`; pinned by
+golden files). The launchers that can run inside the job (`--launch`):
 
   srun       one srun task per process; ranks from SLURM_PROCID/SLURM_LOCALID (launcher.env)
   torchrun   one srun task per node running torchrun, c10d rendezvous at the first node
@@ -16,7 +17,6 @@ checkpoint). `launcher/slurm_job.py` holds the helpers the rendered script runs 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -26,16 +26,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from launcher import commands
+from launcher.backends import LAUNCHERS, sbatch_launchers
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "templates"
-LAUNCH_MODES = {
-    "srun": "one srun task per process",
-    "torchrun": "one srun task per node running torchrun, c10d rendezvous",
-    "deepspeed": "deepspeed --launcher slurm",
-}
+#: `--launch` choices: the launchers whose backend has an sbatch block, and what they do.
+LAUNCH_MODES = {name: cls.sbatch_description for name, cls in sbatch_launchers().items()}
 #: sbatch options that the flags of `gradaccum slurm` set; extra #SBATCH lines may not.
 RESERVED_OPTIONS = {
     "nodes": "--nodes",
@@ -81,10 +78,6 @@ _JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
 
 class SlurmError(UserError):
     """Slurm options that cannot work, or Slurm refusing what we asked; the message says why."""
-
-
-class _Raw(str):
-    """Shell text written as is (a variable reference), not quoted."""
 
 
 def time_limit_seconds(spec: str) -> int | None:
@@ -218,19 +211,11 @@ def _fill(template: str, values: Mapping[str, Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m[1]]), template)
 
 
-def _sh(argv: Sequence[str]) -> str:
-    return " ".join(a if isinstance(a, _Raw) else shlex.quote(a) for a in argv)
-
-
-def _replace_after(argv: list[str], flag: str, value: str) -> None:
-    argv[argv.index(flag) + 1] = _Raw(value)
-
-
 def sbatch_lines(job: SlurmJob) -> list[str]:
-    tasks_per_node = 1 if job.launch == "torchrun" else job.nproc_per_node
+    tasks_per_node = LAUNCHERS[job.launch]().sbatch_tasks_per_node(job)
     cpus = job.cpus_per_task
-    if cpus is not None and job.launch == "torchrun":
-        cpus *= job.nproc_per_node  # one task per node holds all of the node's processes
+    if cpus is not None:
+        cpus = cpus * job.nproc_per_node // tasks_per_node  # a task holds all processes it forks
     options = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", f"--ntasks-per-node={tasks_per_node}"]
     if job.gpus_per_node is not None:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
@@ -253,71 +238,6 @@ def sbatch_lines(job: SlurmJob) -> list[str]:
     return [f"#SBATCH {o}" for o in options]
 
 
-def _srun_line(job: SlurmJob, worker: list[str], tasks_per_node: int) -> str:
-    extra = {}
-    if job.cpus_per_task is not None:
-        # srun of Slurm 22.05 does not inherit --cpus-per-task from sbatch: say it again.
-        extra["cpus-per-task"] = str(job.cpus_per_task * (job.nproc_per_node if tasks_per_node == 1 else 1))
-    argv = commands.srun(worker, nodes=job.nodes, ntasks_per_node=tasks_per_node, extra=extra)
-    return _sh(argv[: len(argv) - len(worker)])
-
-
-def _launch(job: SlurmJob, plan: BatchPlan, script: str, script_args: Sequence[str]) -> str:
-    python = _Raw('"$PYTHON"')
-    values: dict[str, Any] = {"nproc_per_node": job.nproc_per_node}
-    if job.launch == "srun":
-        worker = commands.python_argv("python", script, script_args)
-        worker[0] = python
-        values["srun"] = f"{_srun_line(job, worker, job.nproc_per_node)} \\\n  {_sh(worker)}"
-    elif job.launch == "torchrun":
-        # Placeholders that pass the builder's checks, then become shell variables.
-        run = commands.torchrun(
-            script,
-            script_args,
-            nproc_per_node=job.nproc_per_node,
-            nnodes=job.nodes,
-            rdzv_endpoint="gradaccum-master:1",
-            rdzv_id="gradaccum-job",
-            program=("python", "-m", "torch.distributed.run"),
-        )
-        run[0] = python
-        _replace_after(run, "--nnodes", '"$SLURM_NNODES"')
-        _replace_after(run, "--rdzv-endpoint", '"$MASTER_ADDR:$MASTER_PORT"')
-        _replace_after(run, "--rdzv-id", '"$SLURM_JOB_ID"')
-        ignore_usr1 = ["bash", "-c", 'trap "" USR1; exec "$@"', "torchrun"]
-        tail = len(script_args) + 1
-        values["srun"] = (
-            f"{_srun_line(job, [*ignore_usr1, *run], 1)} \\\n  {_sh(ignore_usr1)} \\\n"
-            f"  {_sh(run[:-tail])} \\\n  {_sh(run[-tail:])}"
-        )
-    else:
-        from launcher.configs import deepspeed_config
-
-        run = commands.deepspeed(
-            script,
-            script_args,
-            hostfile="gradaccum-hostfile",
-            single_host=True,  # adds --no_ssh_check: srun starts the workers, not ssh
-            master_addr="gradaccum-master",
-            master_port=1,
-            launcher="slurm",
-            program=("python", "-m", "deepspeed.launcher.runner"),
-        )
-        run[0] = python
-        _replace_after(run, "--hostfile", '"$hostfile"')
-        _replace_after(run, "--master_addr", '"$MASTER_ADDR"')
-        _replace_after(run, "--master_port", '"$MASTER_PORT"')
-        # Without --force_multi a one-node hostfile makes DeepSpeed spawn the workers itself,
-        # outside any job step, where the forwarded USR1 would not reach them.
-        # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others in a collective.
-        tail = len(script_args) + 1
-        run[-tail:-tail] = ["--force_multi", "--launcher_args=--kill-on-bad-exit=1"]
-        values["deepspeed"] = f"{_sh(run[:-tail])} \\\n  {_sh(run[-tail:])}"
-        config = deepspeed_config(plan, zero_stage=job.zero_stage)
-        values["deepspeed_json"] = json.dumps(config, indent=2, sort_keys=True)
-    return _fill(_template(f"launch-{job.launch}.sh.in"), values).rstrip("\n")
-
-
 def render_sbatch(plan: BatchPlan, job: SlurmJob, script: str, script_args: Sequence[str] = ()) -> str:
     """The sbatch script that runs SCRIPT ARGS with `plan` as `job` describes. Pure."""
     if plan.world_size != job.world_size:
@@ -325,11 +245,13 @@ def render_sbatch(plan: BatchPlan, job: SlurmJob, script: str, script_args: Sequ
             f"the plan is for world size {plan.world_size} but the job has {job.nodes} node(s) × "
             f"{job.nproc_per_node} process(es) = {job.world_size}; re-plan for {job.world_size}"
         )
-    if job.zero_stage is not None and job.launch != "deepspeed":
-        raise SlurmError("--zero-stage applies to --launch deepspeed only")
+    backend = LAUNCHERS[job.launch]()
+    if job.zero_stage is not None and "zero_stage" not in (f.dest for f in backend.flags):
+        takers = [n for n, b in sbatch_launchers().items() if "zero_stage" in (f.dest for f in b.flags)]
+        raise SlurmError(f"--zero-stage applies to --launch {' or '.join(takers)} only")
     values = {
         "sbatch_lines": "\n".join(sbatch_lines(job)),
-        "launch_description": LAUNCH_MODES[job.launch],
+        "launch_description": backend.sbatch_description,
         "global_batch_size": plan.global_batch_size,
         "micro_batch_size": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -341,7 +263,7 @@ def render_sbatch(plan: BatchPlan, job: SlurmJob, script: str, script_args: Sequ
         "run_dir": shlex.quote(job.run_dir),
         "plan_json": plan.to_json().rstrip("\n"),
         "preflight_timeout": job.preflight_timeout_s,
-        "launch": _launch(job, plan, script, script_args),
+        "launch": backend.sbatch_block(job, plan, script, script_args).rstrip("\n"),
     }
     return _fill(_template("job.sbatch.in"), values)
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.backends import sbatch_launchers
 from launcher.cli.common import add_batch_args, add_json_flag, info, plan_from_args, print_json
 from launcher.errors import UserError
 
@@ -25,12 +26,13 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("Slurm job (world size = nodes × processes per node)")
     s.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     s.add_argument("--nproc-per-node", type=int, required=True, metavar="P", help="processes (GPUs) per node")
+    launchers = sbatch_launchers()
     s.add_argument(
         "--launch",
-        choices=("srun", "torchrun", "deepspeed"),
+        choices=tuple(launchers),
         default="srun",
-        help="srun: one task per process (default); torchrun: one task per node running torchrun "
-        "(c10d rendezvous); deepspeed: deepspeed --launcher slurm",
+        help="how the job starts the workers (default srun): "
+        + "; ".join(f"{name}: {cls.sbatch_description}" for name, cls in launchers.items()),
     )
     s.add_argument("--partition", metavar="NAME")
     s.add_argument("--time", metavar="T", help="time limit: MINUTES, HH:MM:SS or D-HH:MM:SS")
