@@ -31,8 +31,6 @@ from launcher.errors import UserError
 from launcher.plan import BatchPlan
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm" / "templates"
-#: `--launch` choices: the launchers whose backend has an sbatch block, and what they do.
-LAUNCH_MODES = {name: cls.sbatch_description for name, cls in sbatch_launchers().items()}
 #: sbatch options that the flags of `gradaccum slurm` set; extra #SBATCH lines may not.
 RESERVED_OPTIONS = {
     "nodes": "--nodes",
@@ -151,8 +149,8 @@ class SlurmJob:
     zero_stage: int | None = None
 
     def __post_init__(self) -> None:
-        if self.launch not in LAUNCH_MODES:
-            raise SlurmError(f"--launch must be one of {', '.join(LAUNCH_MODES)}, got {self.launch!r}")
+        if self.launch not in sbatch_launchers():
+            raise SlurmError(f"--launch must be one of {', '.join(sbatch_launchers())}, got {self.launch!r}")
         for flag, value, low in (
             ("--nodes", self.nodes, 1),
             ("--nproc-per-node", self.nproc_per_node, 1),
