@@ -18,6 +18,7 @@ import dataclasses
 import re
 import shlex
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -167,8 +168,6 @@ class Launch:
 
 def program(name: str, module: str | None = None, python: str | None = None) -> list[str]:
     """The launcher next to `python` (a venv's bin/), else on PATH, else `python -m MODULE`."""
-    import sys
-
     python = python or sys.executable
     beside = Path(python).parent / name
     if beside.exists():
@@ -201,15 +200,6 @@ class Backend:
     exports_master_port: ClassVar[bool] = True
     #: how the sbatch script starts the workers (None: not inside sbatch scripts)
     sbatch_description: ClassVar[str | None] = None
-    #: programs it runs (for `available()`)
-    programs: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def available(cls) -> bool:
-        """Whether its programs are installed here (next to Python or on PATH)."""
-        import sys
-
-        return all((Path(sys.executable).parent / p).exists() or shutil.which(p) for p in cls.programs)
 
     # ------------------------------------------------------------ gradaccum launch
     def picks_free_port(self, launch: Launch) -> bool:
@@ -245,8 +235,6 @@ class Backend:
 
         status = run_command(argv, env=env)
         if status != 0:
-            import sys
-
             print(
                 f"gradaccum launch: {self.name} ended with {describe_status(status)}; "
                 "the failing rank and its exit code are in the launcher's output above",

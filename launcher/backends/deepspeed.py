@@ -120,7 +120,6 @@ class DeepSpeedBackend(Backend):
     )
     takes_hostfile = True
     sbatch_description = "deepspeed --launcher slurm"
-    programs = ("deepspeed",)
 
     def run_files(self, plan: BatchPlan, launch: Launch) -> list[RunFile]:
         from launcher.configs import deepspeed_config, load_json_file

@@ -75,7 +75,6 @@ class MpirunBackend(Backend):
     description = "OpenMPI's mpirun, one rank per worker (a hostfile for several nodes)"
     flags = (Flag("--oversubscribe", dict(action="store_true", help="mpirun: allow more ranks than cores")),)
     takes_hostfile = True
-    programs = ("mpirun",)
 
     def run_files(self, plan: BatchPlan, launch: Launch) -> list[RunFile]:
         if not launch.hosts:

@@ -70,14 +70,18 @@ class SrunBackend(Backend):
     description = "srun inside a Slurm allocation, one task per worker"
     exports_master_addr = False  # the workers take the first host of the job
     sbatch_description = "one srun task per process"
-    programs = ("srun",)
 
     def picks_free_port(self, launch: Launch) -> bool:
         return False  # the workers derive it from the Slurm job id (launcher.env)
 
     def argv(self, launch: Launch, env: Mapping[str, str]) -> list[str]:
         worker = python_argv(launch.python, launch.script, launch.script_args)
-        return srun_argv(worker, nodes=launch.nodes[1], ntasks_per_node=launch.nproc_per_node, program=program("srun"))
+        return srun_argv(
+            worker,
+            nodes=launch.nodes[1],
+            ntasks_per_node=launch.nproc_per_node,
+            program=program("srun", python=launch.python),
+        )
 
     def sbatch_block(self, job: SlurmJob, plan: BatchPlan, script: str, script_args: Sequence[str]) -> str:
         worker = python_argv(JobValue('"$PYTHON"'), script, script_args)

@@ -122,7 +122,6 @@ class TorchrunBackend(Backend):
     exports_master_addr = False
     exports_master_port = False
     sbatch_description = "one srun task per node running torchrun, c10d rendezvous"
-    programs = ("torchrun",)
 
     def picks_free_port(self, launch: Launch) -> bool:
         # Static multi-node torchrun needs the same port on every node (torchrun's default

@@ -46,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--launcher", required=True, choices=tuple(LAUNCHERS), help="who starts the workers")
+    p.add_argument(
+        "--launcher",
+        required=True,
+        choices=tuple(LAUNCHERS),
+        help="who starts the workers: " + "; ".join(f"{n}: {b.description}" for n, b in LAUNCHERS.items()),
+    )
     add_batch_args(p)
     w = p.add_argument_group("world (nodes × processes per node, or the hostfile's slots)")
     w.add_argument("--nproc-per-node", type=int, metavar="P", help="worker processes per node")
