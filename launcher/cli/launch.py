@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from launcher.backends import LAUNCHERS
+from launcher.backends.base import check_port
 from launcher.cli.common import add_batch_args, info, plan_from_args
+from launcher.errors import UserError
 
 ORDER = 30
 _LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -87,8 +89,6 @@ def _free_port() -> int:
 
 
 def _script(args: argparse.Namespace) -> tuple[str, list[str]]:
-    from launcher.errors import UserError
-
     command = list(args.script_command)
     if command and command[0] == "--":
         command = command[1:]
@@ -106,7 +106,6 @@ def _names(predicate) -> str:
 def _world(args: argparse.Namespace, backend):
     """(world size, nnodes (low, high), filtered hostfile resources or None)."""
     from launcher.backends.base import parse_nnodes
-    from launcher.errors import UserError
     from launcher.hostfile import apply_filters, read_hostfile
 
     if args.hostfile:
@@ -139,7 +138,6 @@ def _world(args: argparse.Namespace, backend):
 
 
 def _check_elastic(plan, low: int, high: int, per_node: int) -> None:
-    from launcher.errors import UserError
     from launcher.plan import PlanError
 
     bad = []
@@ -158,8 +156,6 @@ def _check_elastic(plan, low: int, high: int, per_node: int) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The chosen launcher's own flags; another launcher's flag, given, is a mistake, not a no-op."""
-    from launcher.errors import UserError
-
     for name, cls in LAUNCHERS.items():
         if name == args.launcher:
             continue
@@ -178,11 +174,7 @@ def _rendezvous(args: argparse.Namespace, resources) -> tuple[str, bool]:
     single_host = not hosts or all(h in _LOCAL_NAMES or h == socket.gethostname() for h in hosts)
     master_addr = args.master_addr or ("127.0.0.1" if single_host else hosts[0])
     validate_hostname(master_addr, "--master-addr")  # it reaches every worker's environment
-    port = args.master_port
-    if port is not None and not 0 < port < 65536:
-        from launcher.errors import UserError
-
-        raise UserError(f"--master-port must be a TCP port (1-65535), got {port}")
+    check_port(args.master_port, "--master-port")
     return master_addr, single_host
 
 
@@ -234,8 +226,6 @@ def run(args: argparse.Namespace) -> int:
         print(shown, flush=True)
         return 0
     if not os.path.isfile(script):
-        from launcher.errors import UserError
-
         raise UserError(f"script {script!r} does not exist; SCRIPT is a Python file, as with torchrun")
     info(f"run directory: {launch.run_dir}")
     info(f"command: {shown}")
