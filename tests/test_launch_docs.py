@@ -89,10 +89,20 @@ def losses():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("launcher", by_tool(LAUNCHERS))
-def test_documented_launch_runs(launcher, tmp_path, losses, request):
+@pytest.mark.parametrize("launcher", by_tool(launcher for launcher in LAUNCHERS if launcher != "srun"))
+def test_documented_launch_runs(launcher, tmp_path, losses):
+    run_documented(launcher, tmp_path, losses)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_documented_srun_launch_runs(tmp_path, losses, slurm_env):  # noqa: F811  (the fixture)
+    run_documented("srun", tmp_path, losses, env=slurm_env)
+
+
+def run_documented(launcher: str, tmp_path: Path, losses: dict, env: dict | None = None) -> None:
     # Run it as written, from a directory that has the paths the docs use.
-    env = request.getfixturevalue("slurm_env") if request.node.get_closest_marker("slurm") else None
     r = run_cli(*launch_commands()[launcher], env=env, cwd=in_a_run_directory(tmp_path), timeout=280)
     assert r.returncode == 0, f"{launcher}: exit {r.returncode}\n{r.stdout}\n{r.stderr[-6000:]}"
     steps = re.findall(r"^step \d+ loss \S+", r.stdout, re.M)
