@@ -36,8 +36,9 @@ test: os-deps venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
+# No Slurm, MPI or DeepSpeed needed: the tests that need them carry markers (tests/test_markers.py).
 test-quick: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not slurm and not mpi and not deepspeed" $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check launcher trainers tests benchmarks examples

@@ -18,6 +18,7 @@ from launcher import commands
 from launcher.commands import CommandError
 from launcher.hostfile import HostfileError
 from tests.conftest import REPO, run_cli
+from tests.markers import by_tool
 
 GOLDEN = REPO / "tests" / "golden" / "commands"
 UPDATE = os.environ.get("GRADACCUM_UPDATE_GOLDEN") == "1"
@@ -197,7 +198,7 @@ def _normalise(text: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("name", sorted(DRY_RUNS))
+@pytest.mark.parametrize("name", by_tool(sorted(DRY_RUNS)))
 def test_dry_run_prints_the_command_and_writes_nothing(name, tmp_path):
     run_dir = tmp_path / "run"
     r = run_cli("launch", *DRY_RUNS[name], "--master-port", "29500", "--run-dir", "/RUN", "--dry-run", "--", "train.py")

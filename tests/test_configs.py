@@ -40,6 +40,7 @@ def deepspeed_world(world_size: int):
         ds_config.dist = real
 
 
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("g, m, world, stage", [(96, 4, 8, 0), (64, 2, 2, 1), (12, 3, 4, 2), (7, 7, 1, 0)])
 def test_deepspeed_parser_reads_back_the_plan(g, m, world, stage):
     plan = BatchPlan.solve(g, m, world_size=world)
@@ -53,6 +54,7 @@ def test_deepspeed_parser_reads_back_the_plan(g, m, world, stage):
     assert parsed.gradient_clipping == 0.0
 
 
+@pytest.mark.deepspeed
 def test_deepspeed_parser_rejects_the_same_json_at_another_world_size():
     # The check above is not vacuous: the parser does verify the triad against the world.
     config = deepspeed_config(BatchPlan.solve(96, 4, world_size=8))
@@ -91,6 +93,7 @@ def test_ddp_config():
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["no_sync_micro_steps"] == 3
 
 
+@pytest.mark.deepspeed
 def test_a_rendered_default_is_replaced_by_an_explicit_setting_later():
     # `gradaccum launch` renders the JSON (clipping defaulted to 0.0); a trainer whose task
     # clips at 1.0 then takes it as its base: that is not the user's conflict.

@@ -86,6 +86,7 @@ def compare_with_reference(case: dict) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_stage_matches_the_reference_at_accumulation_1_and_4(deepspeed_runs, stage):
@@ -100,6 +101,7 @@ def test_zero_stage_matches_the_reference_at_accumulation_1_and_4(deepspeed_runs
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 def test_zero_0_reduces_gradients_once_per_step_with_accumulation_4(deepspeed_runs):
     rows = compare_with_reference(deepspeed_runs[f"0:{MLP}:4"])
@@ -109,6 +111,7 @@ def test_zero_0_reduces_gradients_once_per_step_with_accumulation_4(deepspeed_ru
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_sum_count_loss_without_task_count_scales_the_reduced_gradients_exactly(deepspeed_runs, stage):
@@ -118,6 +121,7 @@ def test_sum_count_loss_without_task_count_scales_the_reduced_gradients_exactly(
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 def test_variable_length_lm_without_task_count_is_token_exact(deepspeed_runs):
     rows = compare_with_reference(deepspeed_runs[f"1:{LM_NO_COUNT}:2"])
@@ -129,6 +133,7 @@ def test_variable_length_lm_without_task_count_is_token_exact(deepspeed_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", [f"0:{LM}:2:2:bf16", f"1:{LM}:2:2:bf16", f"2:{LM_NO_COUNT}:2:2:bf16"])
 def test_bf16_runs_at_every_stage_within_its_measured_distance_of_fp32(deepspeed_runs, case):
@@ -142,6 +147,7 @@ def test_bf16_runs_at_every_stage_within_its_measured_distance_of_fp32(deepspeed
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 def test_zero_offload_is_exact_with_task_count_and_refuses_to_approximate_without(deepspeed_runs):
     rows = compare_with_reference(deepspeed_runs[f"2:{LM}:2:2:fp32:offload"])
@@ -151,6 +157,7 @@ def test_zero_offload_is_exact_with_task_count_and_refuses_to_approximate_withou
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_from_deepspeed_checkpoint_in_a_fresh_engine_continues_exactly(deepspeed_runs, stage):
@@ -170,6 +177,7 @@ def verify_json(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subpr
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 def test_verify_zero_2_on_the_built_in_example(tmp_path):
     """The acceptance command: gradaccum verify --backend deepspeed --zero-stage 2 --nproc-per-node 2."""
@@ -214,6 +222,7 @@ def launch(tmp_path: Path, launcher: str, nproc: int, *args: str, script_args: t
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.mpi
 @pytest.mark.timeout(400)
 def test_mpirun_then_deepspeed_launcher_at_another_world_size_resume_exactly(tmp_path):

@@ -237,6 +237,7 @@ def slurm_conf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("nodelist, expected", TRICKY)
+@pytest.mark.slurm
 def test_nodelist_scontrol_and_hostlist_agree(nodelist, expected, slurm_conf):
     assert expand_nodelist(nodelist, slurm_conf, method="scontrol") == expected
     assert expand_nodelist(nodelist, {}, method="hostlist") == expected
@@ -244,6 +245,7 @@ def test_nodelist_scontrol_and_hostlist_agree(nodelist, expected, slurm_conf):
 
 
 @pytest.mark.parametrize("nodelist", ["n[3-1]", "n[1-2", "n[a-b]"])
+@pytest.mark.slurm
 def test_invalid_nodelists_are_errors_with_both(nodelist, slurm_conf):
     # scontrol exits 0 for these and complains on stderr only; both paths must raise.
     with pytest.raises(EnvError):
@@ -252,6 +254,7 @@ def test_invalid_nodelists_are_errors_with_both(nodelist, slurm_conf):
         expand_nodelist(nodelist, {}, method="hostlist")
 
 
+@pytest.mark.slurm
 def test_where_slurm_and_hostlist_differ_slurm_decides(slurm_conf):
     # Slurm 22.05 rejects text after the last bracket; python-hostlist accepts it. When
     # Slurm is configured, `auto` follows Slurm, so jobs see what Slurm would run.

@@ -160,6 +160,7 @@ def _pool_and_filter(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(_pool_and_filter())
+@pytest.mark.deepspeed
 def test_filters_match_deepspeeds_own(case):
     """Same result as DeepSpeed's launcher (deepspeed.launcher.runner) on valid filters."""
     from deepspeed.launcher.runner import parse_resource_filter
@@ -174,6 +175,7 @@ def test_filters_match_deepspeeds_own(case):
         assert apply_filters(pool, include, exclude) == theirs
 
 
+@pytest.mark.deepspeed
 def test_deepspeed_reads_what_we_write():
     from deepspeed.launcher.runner import _parse_hostfile
 

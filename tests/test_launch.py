@@ -82,6 +82,7 @@ def test_local_gives_workers_torchruns_variables(tmp_path):
         assert seen["raw"]["LOCAL_RANK"] == str(rank)
 
 
+@pytest.mark.mpi
 def test_mpirun_workers_need_no_world_size(tmp_path):
     r, ranks = launch(tmp_path, "mpirun", "--nproc-per-node", "2", "--oversubscribe", probe_args=["--mpi4py"])
     check_ranks(ranks, "openmpi")
@@ -92,6 +93,7 @@ def test_mpirun_workers_need_no_world_size(tmp_path):
         assert seen["mpi4py"] == {"rank": rank, "size": 2}
 
 
+@pytest.mark.mpi
 def test_mpirun_with_a_hostfile(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost:2\n")  # MPICH format: converted for mpirun in the run dir
@@ -100,6 +102,7 @@ def test_mpirun_with_a_hostfile(tmp_path):
     assert (tmp_path / "run" / "hostfile.openmpi").read_text() == "localhost slots=2\n"
 
 
+@pytest.mark.deepspeed
 def test_deepspeed_launcher_with_localhost_hostfile(tmp_path):
     r, ranks = launch(tmp_path, "deepspeed", "--hostfile", str(REPO / "hostfiles" / "localhost.txt"), timeout=200)
     check_ranks(ranks, "deepspeed")
@@ -156,6 +159,7 @@ def test_gradaccum_env_inside_torchrun(tmp_path):
     assert [(s["launcher"], s["rank"], s["world_size"]) for s in seen] == [("torchrun", 0, 2), ("torchrun", 1, 2)]
 
 
+@pytest.mark.mpi
 def test_gradaccum_env_inside_mpirun_and_the_mpi4py_fallback(tmp_path):
     seen = _env_json_per_rank(_mpirun(), tmp_path, "OMPI_COMM_WORLD_RANK")
     assert [(s["launcher"], s["rank"], s["world_size"]) for s in seen] == [("openmpi", 0, 2), ("openmpi", 1, 2)]
@@ -199,6 +203,7 @@ def reference_state():
 
 
 # torchrun, deepspeed, srun and local train to the same losses as mpirun in test_launch_docs.py.
+@pytest.mark.mpi
 def test_mpirun_training_matches_the_reference(tmp_path, reference_state):
     import torch
 

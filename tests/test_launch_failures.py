@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, gradaccum_argv
+from tests.markers import by_tool
 
 PROBE = REPO / "tests" / "scripts" / "dist_probe.py"
 PLAN_FLAGS = ["--global-batch-size", "8", "--micro-batch-size", "2"]
@@ -106,7 +107,7 @@ CASES = {
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("launcher", list(CASES))
+@pytest.mark.parametrize("launcher", by_tool(CASES))
 def test_sigkill_one_rank_stops_the_launch(launcher, tmp_path):
     flags, says = CASES[launcher]
     launch = Launch(tmp_path, launcher, *flags)

@@ -165,6 +165,7 @@ def run_concurrently(slurm_env, tmp_path: Path, shapes: dict[str, tuple[str, ...
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.deepspeed
 def test_one_node_two_processes_torchrun_and_deepspeed(slurm_env, tmp_path):
     shapes = {m: ("--launch", m, "--nproc-per-node", "2") for m in ("torchrun", "deepspeed")}
     for name, (run_dir, status, out) in run_concurrently(slurm_env, tmp_path, shapes).items():
@@ -378,6 +379,7 @@ def test_master_is_the_first_nodes_node_addr_and_hostfile_lists_the_job_nodes(sl
     assert (tmp_path / "h").read_text() == "n1 slots=2\nn2 slots=2\n"
 
 
+@pytest.mark.mpi
 @pytest.mark.timeout(120)
 def test_mpirun_inside_sbatch_takes_ranks_from_mpi_not_slurm(slurm_env, tmp_path):
     """mpirun in a batch step leaves SLURM_PROCID=0 in every rank: launcher.env must prefer OMPI_*."""
