@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[all,test]'
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[all,test,hf,tensorboard]'
 	touch $@
 
 os-deps:
