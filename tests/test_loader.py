@@ -113,3 +113,31 @@ def test_bad_options_and_datasets():
         StepLoader((x for x in range(40)), PLAN)
     with pytest.raises(UserError, match="checkpoint written for a stream"):
         StepLoader(list(range(40)), PLAN).load_state_dict({"kind": "stream"})
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "stream"])
+def test_recut_and_change_plan_match_a_loader_built_with_the_new_plan(streaming):
+    seqs = text_sequences()[:60]
+    dataset = TensorStream(seqs) if streaming else seqs
+    smaller = BatchPlan(12, 1, 6, 2)  # same G and dp, micro 2 -> 1 (the out-of-memory fallback)
+    with StepLoader(dataset, PLAN, 1, collate=pad_collate, num_workers=2) as loader:
+        _steps(loader, 2)
+        before = loader.state_dict()
+        _steps(loader, 1)
+        recut = [(mb.batch, mb.items) for mb in loader.recut(smaller)]
+        with StepLoader(dataset, smaller, 1, collate=pad_collate) as fresh:
+            fresh.load_state_dict(before)
+            assert _same(recut, _steps(fresh, 1)[0])
+            assert len(recut) == 6
+            # a new plan from the next step on (here a new global batch too, map-style)
+            new = BatchPlan(8, 2, 2, 2)
+            at = loader.state_dict()
+            loader.change_plan(new, allow_new_global_batch=True)
+            got = _steps(loader, 2)
+        with StepLoader(dataset, new, 1, collate=pad_collate) as fresh:
+            if streaming:
+                fresh.load_state_dict(at)
+            else:
+                fresh.load_state_dict(at, allow_new_global_batch=True)
+            assert _same(got, _steps(fresh, 2))

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.accumulate import MicroBatch
-from trainers.sampler import GlobalBatchSampler
+from trainers.sampler import GlobalBatchSampler, split_evenly
 from trainers.stream import StreamSteps, is_stream
 
 
@@ -83,11 +83,18 @@ class _StreamStepsWorker(IterableDataset):
     def __init__(self, steps: StreamSteps, collate: Callable[[list], Any]) -> None:
         self.steps, self.collate = steps, collate
 
-    def __iter__(self) -> Iterator[tuple[list[tuple[Any, int]], dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[list[tuple[Any, int]], dict[str, Any], tuple[list[Any], Any]]]:
         while True:
             micro = self.steps.next_step()
             out = [(self.collate(m or [self.steps.filler]), len(m)) for m in micro]
-            yield out, self.steps.state_dict()
+            # the raw share and filler too: recut() re-splits them without re-reading the stream
+            yield out, self.steps.state_dict(), ([x for m in micro for x in m], self.steps.filler)
+
+
+def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, size) of consecutive chunks."""
+    starts = itertools.accumulate([0, *sizes[:-1]])
+    return list(zip(starts, sizes, strict=True))
 
 
 def _collate_step(batch: Any) -> Any:
@@ -131,6 +138,7 @@ class StepLoader:
             # shuffle/drop_last do not apply: shuffling a stream is the dataset's business
             self.stream = StreamSteps(dataset, plan, dp_rank)
             self._stream_state: dict[str, Any] | None = None
+            self._last_share: tuple[list[Any], Any] = ([], None)  # this rank's items of the last step, filler
         else:
             try:
                 n = len(dataset)
@@ -184,8 +192,9 @@ class StepLoader:
             if self.num_workers == 0:
                 micro = self.stream.next_step()
                 pairs = [(self.collate(m or [self.stream.filler]), len(m)) for m in micro]
+                self._last_share = ([x for m in micro for x in m], self.stream.filler)
             else:
-                pairs, self._stream_state = next(self._iterator())
+                pairs, self._stream_state, self._last_share = next(self._iterator())
             return [MicroBatch(move(b, self.device), n) for b, n in pairs]
         ahead = self._iterator() if self.num_workers else None  # started at the position before this step
         lists = self.sampler.next_step()
@@ -195,6 +204,38 @@ class StepLoader:
         else:
             batches = list(itertools.islice(ahead, len(lists)))
         return [MicroBatch(move(b, self.device), len(ix)) for b, ix in zip(batches, lists, strict=True)]
+
+    # ------------------------------------------------------------------ plan changes
+    def recut(self, plan: BatchPlan) -> list[MicroBatch]:
+        """The last global batch again, cut by `plan` (same global batch and data-parallel
+        size, e.g. smaller micro-batches after an out-of-memory); read on this thread."""
+        if plan.global_batch_size != self.plan.global_batch_size or plan.data_parallel_size != self.plan.data_parallel_size:
+            raise ValueError("recut() keeps the global batch and the data-parallel size; use change_plan()")
+        self.plan = plan
+        if self.streaming:
+            self.stream.plan = plan
+            share, filler = self._last_share
+            micro = [share[a : a + n] for a, n in _offsets(split_evenly(len(share), plan.gradient_accumulation_steps))]
+            return [MicroBatch(move(self.collate(m or [filler]), self.device), len(m)) for m in micro]
+        self.sampler.plan = plan
+        lists = self.sampler.split(self.sampler.last_global_batch)[self.dp_rank]
+        filler = [self.sampler.last_global_batch[0]]
+        return [
+            MicroBatch(move(self.collate([self.dataset[i] for i in (ix or filler)]), self.device), len(ix))
+            for ix in lists
+        ]
+
+    def change_plan(self, plan: BatchPlan, allow_new_global_batch: bool = False) -> None:
+        """From the next step on, cut global batches by `plan`; read-ahead restarts under it."""
+        state = self.state_dict()
+        self.close()
+        self.plan = plan
+        if self.streaming:
+            self.stream.plan = plan
+            self.stream.load_state_dict(state)
+        else:
+            self.sampler.plan = self._ahead.plan = plan
+            self.sampler.load_state_dict(state, allow_new_global_batch=allow_new_global_batch)
 
     # ------------------------------------------------------------------ position
     @property
