@@ -141,3 +141,15 @@ def test_recut_and_change_plan_match_a_loader_built_with_the_new_plan(streaming)
             else:
                 fresh.load_state_dict(at, allow_new_global_batch=True)
             assert _same(got, _steps(fresh, 2))
+
+
+@pytest.mark.timeout(120)
+def test_io_benchmark_runs_and_reports_both_ratios(capsys):
+    import json
+
+    from benchmarks.loader_io import main
+
+    assert main(["--rounds", "1", "--steps", "2", "--wait-ms", "0.5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["median_s"]) == {"hand", "ours", "ours-0"}
+    assert result["ours_over_hand"] > 0 and result["speedup_over_num_workers_0"] > 0
