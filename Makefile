@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.gradaccum-installed
 
-.PHONY: demo test test-quick venv os-deps lint bench bench-gpu clean
+.PHONY: demo test test-quick venv os-deps lint bench bench-gpu gpu-check clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[all,test]'
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -e '.[all,test,hf,tensorboard]'
 	touch $@
 
 os-deps:
@@ -51,6 +51,10 @@ bench: venv
 # On a machine with an NVIDIA GPU (install a CUDA torch: make bench-gpu TORCH_SPEC=torch).
 bench-gpu: venv
 	$(BIN)/python -m benchmarks --gpu
+
+# The CUDA paths in one go (verify NCCL/gloo/bf16, pinned workers, the GPU benchmark): exit 2 without CUDA.
+gpu-check: venv
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
