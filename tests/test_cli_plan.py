@@ -140,3 +140,19 @@ def test_help_is_useful():
     assert r.returncode == 0 and "plan" in r.stdout and "config" in r.stdout
     r = run_cli("plan", "--help")
     assert "--global-batch-size" in r.stdout and "--nproc-per-node" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "global_batch, world",
+    [("1999999999999999978", "2"), (str(4294967291 * 4294967279), "1"), (str(2**64 - 59), "3")],
+)
+def test_plan_answers_for_64_bit_global_batches(global_batch, world):
+    # A divisor search up to n (or sqrt(n)) ran for minutes here; the timeout is a hang
+    # guard, far above the milliseconds the factorisation takes.
+    r = run_cli("plan", "--global-batch-size", global_batch, "--world-size", world, "--json", timeout=30)
+    if int(global_batch) % int(world):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["micro_batch_size"] * out["data_parallel_size"] * out["gradient_accumulation_steps"] == int(global_batch)
