@@ -156,3 +156,13 @@ def test_plan_answers_for_64_bit_global_batches(global_batch, world):
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["micro_batch_size"] * out["data_parallel_size"] * out["gradient_accumulation_steps"] == int(global_batch)
+
+
+def test_config_base_with_a_duplicate_key_exits_2_naming_key_and_file(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text('{"train_batch_size": 24, "train_batch_size": 32}')
+    out = tmp_path / "ds.json"
+    r = run_cli("config", "deepspeed", "--global-batch-size", "32", "--world-size", "2", "--base", str(base), "-o", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{base} gives the key 'train_batch_size' more than once" in r.stderr
+    assert not out.exists()
