@@ -214,24 +214,31 @@ def write_hostfile(path: str | os.PathLike[str], slots: Mapping[str, int] | Host
 
 # ---------------------------------------------------------------------- filters
 def parse_filter(spec: str, flag: str = "filter") -> dict[str, list[int] | None]:
-    """`worker-0@worker-1:0,2` -> {"worker-0": None (all slots), "worker-1": [0, 2]}."""
+    """`worker-0@worker-1:0,2` -> {"worker-0": None (all slots), "worker-1": [0, 2]}.
+
+    A host named more than once gets the union of its slot lists, as DeepSpeed's
+    launcher merges them (`worker-0:1@worker-0:0,1` -> worker-0: [0, 1]). As there, a
+    bare name adds no slots to a host that also has a slot list (`w@w:1` is `w:1`)
+    and means all slots only when the host is never given slots.
+    """
     out: dict[str, list[int] | None] = {}
     for node in spec.split("@"):
         host, sep, slot_text = node.partition(":")
         if not host:
             raise HostfileError(f"{flag} {spec!r}: empty host name (expected NAME[:SLOT,...][@NAME...])")
         validate_hostname(host, f"{flag} {spec!r}")
-        if host in out:
-            raise HostfileError(f"{flag} {spec!r}: host {host!r} appears twice; list its slots once")
-        slots = None
+        slots: set[int] = set()
         if sep:
             try:
-                slots = sorted({int(s) for s in slot_text.split(",")})
+                slots = {int(s) for s in slot_text.split(",")}
             except ValueError:
                 raise HostfileError(
                     f"{flag} {spec!r}: slots of {host!r} must be comma-separated integers, got {slot_text!r}"
                 ) from None
-        out[host] = slots
+        if slots:
+            out[host] = sorted(slots | set(out.get(host) or ()))
+        else:
+            out.setdefault(host, None)
     return out
 
 
