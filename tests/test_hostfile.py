@@ -146,7 +146,7 @@ def test_a_host_named_twice_merges_its_slots_as_deepspeed_does(include, exclude,
     "include, exclude, message",
     [
         ("worker-9", None, "names host 'worker-9', which is not in the hostfile"),
-        ("worker-2:5", None, "slot(s) [5] of 'worker-2'"),
+        ("worker-2:5", None, "slot(s) 5 of 'worker-2', which has slots 0-1"),
         ("worker-0", "worker-1", "cannot be combined"),
         (None, "worker-0@worker-1@worker-2", "leaves no slots"),
         ("worker-0:a", None, "comma-separated integers"),
@@ -273,3 +273,31 @@ def test_cli_include_naming_a_host_twice_merges_its_slots():
     r = run_cli("hostfile", "check", "hostfiles/deepspeed.txt", "--include", "worker-0:1@worker-0:0,1", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"hosts": {"worker-0": [0, 1]}}
+
+
+@pytest.mark.parametrize(
+    "text", ["w slots=100000000000000000000000\n", "w slots=1000000000\n", "w slots=4097\n", "w:4097\n"]
+)
+def test_slots_above_the_maximum_are_refused_and_say_so(text):
+    with pytest.raises(HostfileError) as e:
+        parse_hostfile(text, "hosts.txt")
+    assert "above the maximum of 4096 processes per host" in str(e.value)
+    assert parse_hostfile("w slots=4096\n").total_slots == parse_hostfile("w:4096\n").total_slots == 4096
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["x" * 100_000 + " slots=1", "w slots=1 " + "y" * 100_000, "w slots=" + "9" * 100_000, "w:" + "z" * 100_000],
+)
+def test_a_huge_hostfile_line_is_cut_in_the_error(line):
+    with pytest.raises(HostfileError) as e:
+        parse_hostfile(line + "\n", "hosts.txt")
+    assert len(str(e.value)) < 400 and "(100" in str(e.value) and "characters)" in str(e.value)
+
+
+def test_cli_check_huge_slots_exits_2_in_one_line(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("w slots=100000000000000000000000\n")
+    r = run_cli("hostfile", "check", str(hosts))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "above the maximum of 4096" in r.stderr and len(r.stderr.strip().splitlines()) == 1
