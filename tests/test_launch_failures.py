@@ -131,3 +131,18 @@ def test_signal_to_the_launch_reaches_every_worker(launcher, sig, tmp_path):
     status = launch.wait()
     assert status != 0, launch.log[-4000:]
     assert_all_gone(everything)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", list(CASES))
+def test_workers_die_with_a_sigkilled_launch(launcher, tmp_path):
+    """SIGKILL (or the OOM killer) on `gradaccum launch` runs no cleanup in it; the
+    parent-death signal and the watchdog must still take every worker down."""
+    flags, _ = CASES[launcher]
+    launch = Launch(tmp_path, launcher, *flags)
+    pids = launch.wait_for_workers()
+    everything = launch.processes()
+    assert {pids[0], pids[1]} <= {p.pid for p in everything}
+    launch.proc.send_signal(signal.SIGKILL)
+    launch.proc.wait()
+    assert_all_gone(everything, grace_s=30.0)
