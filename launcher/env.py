@@ -178,7 +178,7 @@ def _is_set(environ: Mapping[str, str], var: str | None) -> bool:
 
 
 def _check_half_set(environ: Mapping[str, str]) -> None:
-    """No row matched: refuse a row whose rank or size variables are only partly set.
+    """No row matched: refuse a row with its global rank but not its world size, or the reverse.
 
     `RANK` without `WORLD_SIZE`, `PMI_RANK` without `PMI_SIZE`, or a local rank and a
     size without the global rank mean a launcher (or a user) left the job half
@@ -188,7 +188,9 @@ def _check_half_set(environ: Mapping[str, str]) -> None:
         named = (row.rank, row.world_size, row.local_rank, row.local_world_size)
         present = [var for var in dict.fromkeys(named) if _is_set(environ, var)]
         missing = [var for var in (row.rank, row.world_size) if not _is_set(environ, var)]
-        if present and missing:
+        # Only local variables (no global rank or size) are not a half-set launch: under
+        # `srun --mpi=pmix` the MPI library answers them (the mpi4py fallback below).
+        if len(missing) == 1:
             raise EnvError(
                 f"{' and '.join(present)} {'is' if len(present) == 1 else 'are'} set but "
                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; a launcher sets "

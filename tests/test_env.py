@@ -350,3 +350,9 @@ def test_cli_env_bad_sizes_exit_2_without_traceback(environ, message):
     r = run_cli("env", env={**clean, **environ})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_local_variables_alone_are_left_to_the_mpi_library():
+    # srun --mpi=pmix: no global OMPI rank or size; mpi4py answers, so no half-set error here.
+    environ = {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert detect(environ, use_mpi4py=False).launcher is None
