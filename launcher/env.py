@@ -156,16 +156,47 @@ ROWS: tuple[_Row, ...] = (
 DETECTION_ORDER = (*(row.name for row in ROWS), "slurm", "mpi4py", None)
 
 
-def _int(environ: Mapping[str, str], var: str, launcher: str) -> int:
+def _int(environ: Mapping[str, str], var: str, launcher: str, minimum: int = 0) -> int:
+    """The integer in `var`; every number read from the environment comes through here, so
+    a non-number or an out-of-range one (WORLD_SIZE=0, a negative rank) is one EnvError."""
     value = environ[var]
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise EnvError(f"{launcher}: {var}={value!r} is not an integer") from None
+    if number < minimum:
+        raise EnvError(f"{launcher}: {var}={value!r} must be at least {minimum}")
+    return number
 
 
-def _opt_int(environ: Mapping[str, str], var: str | None, launcher: str, default: int) -> int:
-    return _int(environ, var, launcher) if var and environ.get(var, "") != "" else default
+def _opt_int(environ: Mapping[str, str], var: str | None, launcher: str, default: int, minimum: int = 0) -> int:
+    return _int(environ, var, launcher, minimum) if var and environ.get(var, "") != "" else default
+
+
+def _is_set(environ: Mapping[str, str], var: str | None) -> bool:
+    return bool(var) and environ.get(var, "") != ""
+
+
+def _check_half_set(environ: Mapping[str, str]) -> None:
+    """No row matched: refuse a row with its global rank but not its world size, or the reverse.
+
+    `RANK` without `WORLD_SIZE`, `PMI_RANK` without `PMI_SIZE`, or a local rank and a
+    size without the global rank mean a launcher (or a user) left the job half
+    described; reading that as a single process would silently train alone.
+    """
+    for row in ROWS:
+        named = (row.rank, row.world_size, row.local_rank, row.local_world_size)
+        present = [var for var in dict.fromkeys(named) if _is_set(environ, var)]
+        missing = [var for var in (row.rank, row.world_size) if not _is_set(environ, var)]
+        # Only local variables (no global rank or size) are not a half-set launch: under
+        # `srun --mpi=pmix` the MPI library answers them (the mpi4py fallback below).
+        if len(missing) == 1:
+            raise EnvError(
+                f"{' and '.join(present)} {'is' if len(present) == 1 else 'are'} set but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; a launcher sets "
+                f"{row.rank} and {row.world_size} together: set {' and '.join(missing)} too, or unset "
+                f"{' and '.join(present)} to run as a single process"
+            )
 
 
 def _master(environ: Mapping[str, str], hosts: tuple[str, ...], default_port: int) -> tuple[str, int]:
@@ -192,14 +223,14 @@ def _slurm_port(environ: Mapping[str, str]) -> int:
 
 def _from_row(row: _Row, environ: Mapping[str, str]) -> ClusterEnv:
     name = environ[row.name_from] if row.name_from else row.name
-    world = _int(environ, row.world_size, name)
+    world = _int(environ, row.world_size, name, minimum=1)
     rank = _int(environ, row.rank, name)
     # Under mpirun inside an sbatch job the Slurm node list is still the job's hosts.
     hosts = _slurm_hosts(environ) if "SLURM_JOB_ID" in environ else ()
     # The innermost job id decides the default port: two mpiruns in one Slurm job differ.
     port = _port_from_job(environ.get(row.job_id)) if row.job_id else None
     addr, port = _master(environ, hosts, port or _slurm_port(environ))
-    local_world = _opt_int(environ, row.local_world_size, name, world)
+    local_world = _opt_int(environ, row.local_world_size, name, world, minimum=1)
     return ClusterEnv(
         launcher=name,
         rank=rank,
@@ -239,10 +270,10 @@ def _from_slurm(environ: Mapping[str, str]) -> ClusterEnv:
         # The batch script is one process, however many tasks the job asked for.
         return ClusterEnv("slurm", master_addr=addr, master_port=port, hosts=hosts, restart_count=restart)
     world_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
-    world = _opt_int(environ, world_var, "slurm", 1)
+    world = _opt_int(environ, world_var, "slurm", 1, minimum=1)
     node_rank = _opt_int(environ, "SLURM_NODEID", "slurm", 0)
     if environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
-        local_world = int(environ["SLURM_NTASKS_PER_NODE"])
+        local_world = _int(environ, "SLURM_NTASKS_PER_NODE", "slurm", minimum=1)
     else:
         spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
         counts = tasks_per_node(spec) if spec else [world]
@@ -295,6 +326,7 @@ def detect(environ: Mapping[str, str] | None = None, use_mpi4py: bool = True) ->
     for row in ROWS:
         if all(environ.get(var, "") != "" for var in row.marker):
             return _from_row(row, environ)
+    _check_half_set(environ)
     if environ.get("SLURM_PROCID") is not None and environ.get("SLURM_JOB_ID"):
         return _from_slurm(environ)
     if use_mpi4py and any(var in environ for var in MPI_RUNTIME_HINTS):
@@ -317,14 +349,7 @@ def expand_nodelist(nodelist: str, environ: Mapping[str, str] | None = None, met
         return []
     if nodelist.startswith("-"):
         raise EnvError(f"node list {nodelist!r} starts with '-': refusing to pass it to scontrol")
-    depth = 0
-    for c in nodelist:
-        depth += {"[": 1, "]": -1}.get(c, 0)
-        if depth not in (0, 1):
-            break
-    if depth != 0:
-        # scontrol prints garbage for these (`n[1-2` -> `n]`) and still exits 0.
-        raise EnvError(f"node list {nodelist!r} has unbalanced brackets")
+    nodelist = _normalise_nodelist(nodelist)
     environ = os.environ if environ is None else environ
     if method == "auto":
         method = "scontrol" if slurm_configured(environ) else "hostlist"
@@ -333,6 +358,37 @@ def expand_nodelist(nodelist: str, environ: Mapping[str, str] | None = None, met
     if method == "hostlist":
         return _expand_hostlist(nodelist)
     raise ValueError(f"unknown nodelist expansion method {method!r}")
+
+
+def _normalise_nodelist(nodelist: str) -> str:
+    """Check the brackets and drop whitespace next to a comma inside them.
+
+    `1.2.3.[089, 100-110]` is read as `1.2.3.[089,100-110]` (first host 1.2.3.089), as
+    Lightning reads it; scontrol would pad the ` 100` and python-hostlist would split the
+    list at the space. Each error names the bracket or space at fault; scontrol prints
+    garbage for unbalanced lists (`n[1-2` -> `n]`) and still exits 0, so they never reach it.
+    """
+    out: list[str] = []
+    depth = 0
+    for i, c in enumerate(nodelist):
+        if c == "[":
+            if depth:
+                raise EnvError(f"node list {nodelist!r} nests a '[' inside brackets (offset {i})")
+            depth = 1
+        elif c == "]":
+            if not depth:
+                raise EnvError(f"node list {nodelist!r} has a ']' with no '[' before it (offset {i})")
+            depth = 0
+        elif c.isspace() and depth:
+            if (out and out[-1] == ",") or nodelist[i:].lstrip()[:1] == ",":
+                continue
+            raise EnvError(
+                f"node list {nodelist!r} has a space inside brackets (offset {i}) that does not follow a comma"
+            )
+        out.append(c)
+    if depth:
+        raise EnvError(f"node list {nodelist!r} opens a '[' that is never closed")
+    return "".join(out)
 
 
 def slurm_configured(environ: Mapping[str, str] | None = None) -> bool:

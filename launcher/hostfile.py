@@ -32,6 +32,31 @@ class HostfileError(UserError):
     """A hostfile, filter or host name that cannot be used; says where and why."""
 
 
+#: The most slots (processes) one host may have. Far above any real node; a larger
+#: number is a typo, and slot lists of that length would exhaust memory.
+MAX_SLOTS = 4096
+#: How much of a user's text an error message quotes (a 100,000-character line is cut).
+QUOTE_LIMIT = 60
+
+
+def _show(text: str) -> str:
+    """`text` quoted for an error message, cut to QUOTE_LIMIT characters."""
+    if len(text) <= QUOTE_LIMIT:
+        return repr(text)
+    return f"{text[:QUOTE_LIMIT]!r}... ({len(text)} characters)"
+
+
+def _show_slots(slots: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5': slot lists of big hosts stay short in messages."""
+    runs: list[list[int]] = []
+    for s in sorted(slots):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class HostEntry:
     host: str
@@ -84,7 +109,7 @@ def validate_hostname(name: str, where: str = "") -> str:
             why = "it looks like an IP address but is not a valid one"
     if why:
         raise HostfileError(
-            f"{prefix}host name {name!r} is not a valid DNS name or IP address: {why} "
+            f"{prefix}host name {_show(name)} is not a valid DNS name or IP address: {why} "
             "(letters, digits, '-' and '.' only; host names reach ssh/mpirun command lines)"
         )
     return name
@@ -92,7 +117,12 @@ def validate_hostname(name: str, where: str = "") -> str:
 
 def _positive(value: str, what: str, where: str) -> int:
     if not re.fullmatch(r"[0-9]+", value):
-        raise HostfileError(f"{where}: {what}={value!r} is not a positive integer")
+        raise HostfileError(f"{where}: {what}={_show(value)} is not a positive integer")
+    if len(value.lstrip("0")) > len(str(MAX_SLOTS)) or int(value) > MAX_SLOTS:
+        raise HostfileError(
+            f"{where}: {what}={_show(value)} is above the maximum of {MAX_SLOTS} processes per host; "
+            "is it a typo?"
+        )
     number = int(value)
     if number <= 0:
         raise HostfileError(f"{where}: {what}={number} must be at least 1")
@@ -105,13 +135,13 @@ def _parse_slots_line(body: str, where: str, fmt: str) -> tuple[str, int, int | 
     for token in tokens[1:]:
         kv = _KEY_VALUE.match(token)
         if not kv or kv["key"] not in ("slots", "max_slots", "max-slots"):
-            raise HostfileError(f"{where}: cannot read {token!r}; expected `HOST slots=N`")
+            raise HostfileError(f"{where}: cannot read {_show(token)}; expected `HOST slots=N`")
         key = kv["key"].replace("-", "_")
         if key in fields:
             raise HostfileError(f"{where}: {key} is given twice")
         fields[key] = _positive(kv["value"], key, where)
     if "slots" not in fields:
-        raise HostfileError(f"{where}: {body!r} has no slots=N; write `{host} slots=1` (the {fmt} format)")
+        raise HostfileError(f"{where}: {_show(body)} has no slots=N; write `{_show(host)[1:-1]} slots=1` (the {fmt} format)")
     if "max_slots" in fields:
         if fmt == "deepspeed":
             raise HostfileError(f"{where}: max_slots is OpenMPI syntax; the DeepSpeed format has slots=N only")
@@ -122,12 +152,12 @@ def _parse_slots_line(body: str, where: str, fmt: str) -> tuple[str, int, int | 
 
 def _parse_mpich_line(body: str, where: str) -> tuple[str, int, None]:
     if any(c.isspace() for c in body):
-        raise HostfileError(f"{where}: cannot read {body!r}; expected `HOST:N` (the MPICH format)")
+        raise HostfileError(f"{where}: cannot read {_show(body)}; expected `HOST:N` (the MPICH format)")
     host, sep, count = body.rpartition(":")
     if not sep:
         return body, 1, None
     if not host:
-        raise HostfileError(f"{where}: {body!r} has no host name before ':'")
+        raise HostfileError(f"{where}: {_show(body)} has no host name before ':'")
     return host, _positive(count, "process count", where), None
 
 
@@ -143,7 +173,7 @@ def _guess_format(lines: list[tuple[int, str]]) -> str:
 def parse_hostfile(text: str, source: str = "<hostfile>", fmt: str = "auto") -> Hostfile:
     """Parse hostfile text. `fmt`: one of FORMATS, or "auto" (guessed from the first entry)."""
     if fmt not in (*FORMATS, "auto"):
-        raise HostfileError(f"unknown hostfile format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise HostfileError(f"unknown hostfile format {_show(fmt)}; choose one of {', '.join(FORMATS)}")
     lines = []
     for number, raw in enumerate(text.splitlines(), start=1):
         body = raw.split("#", 1)[0].strip()
@@ -159,11 +189,11 @@ def parse_hostfile(text: str, source: str = "<hostfile>", fmt: str = "auto") -> 
         where = f"{source}:{number}"
         if fmt == "mpich":
             if "=" in body:
-                raise HostfileError(f"{where}: {body!r} is `slots=` syntax in a file read as MPICH (`HOST:N`)")
+                raise HostfileError(f"{where}: {_show(body)} is `slots=` syntax in a file read as MPICH (`HOST:N`)")
             host, slots, max_slots = _parse_mpich_line(body, where)
         else:
             if not _SLOTS_LINE.match(body) or ("slots=" not in body and ":" in body):
-                raise HostfileError(f"{where}: cannot read {body!r}; expected `HOST slots=N` (the {fmt} format)")
+                raise HostfileError(f"{where}: cannot read {_show(body)}; expected `HOST slots=N` (the {fmt} format)")
             host, slots, max_slots = _parse_slots_line(body, where, fmt)
         validate_hostname(host, where)
         if host in first_line:
@@ -190,15 +220,17 @@ def read_hostfile(path: str | os.PathLike[str], fmt: str = "auto") -> Hostfile:
 def render_hostfile(slots: Mapping[str, int] | Hostfile, fmt: str) -> str:
     """Hostfile text in `fmt` for host -> slot count (host names validated again)."""
     if fmt not in FORMATS:
-        raise HostfileError(f"unknown hostfile format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise HostfileError(f"unknown hostfile format {_show(fmt)}; choose one of {', '.join(FORMATS)}")
     entries = slots.entries if isinstance(slots, Hostfile) else tuple(HostEntry(h, n) for h, n in dict(slots).items())
     if not entries:
         raise HostfileError("no hosts to write")
     out = []
     for e in entries:
         validate_hostname(e.host)
-        if isinstance(e.slots, bool) or not isinstance(e.slots, int) or e.slots <= 0:
-            raise HostfileError(f"host {e.host!r}: slots must be a positive integer, got {e.slots!r}")
+        if isinstance(e.slots, bool) or not isinstance(e.slots, int) or not 0 < e.slots <= MAX_SLOTS:
+            raise HostfileError(
+                f"host {e.host!r}: slots must be a positive integer up to {MAX_SLOTS}, got {_show(str(e.slots))}"
+            )
         if fmt == "mpich":
             out.append(f"{e.host}:{e.slots}")
         elif fmt == "openmpi" and e.max_slots is not None:
@@ -214,24 +246,31 @@ def write_hostfile(path: str | os.PathLike[str], slots: Mapping[str, int] | Host
 
 # ---------------------------------------------------------------------- filters
 def parse_filter(spec: str, flag: str = "filter") -> dict[str, list[int] | None]:
-    """`worker-0@worker-1:0,2` -> {"worker-0": None (all slots), "worker-1": [0, 2]}."""
+    """`worker-0@worker-1:0,2` -> {"worker-0": None (all slots), "worker-1": [0, 2]}.
+
+    A host named more than once gets the union of its slot lists, as DeepSpeed's
+    launcher merges them (`worker-0:1@worker-0:0,1` -> worker-0: [0, 1]). As there, a
+    bare name adds no slots to a host that also has a slot list (`w@w:1` is `w:1`)
+    and means all slots only when the host is never given slots.
+    """
     out: dict[str, list[int] | None] = {}
     for node in spec.split("@"):
         host, sep, slot_text = node.partition(":")
         if not host:
-            raise HostfileError(f"{flag} {spec!r}: empty host name (expected NAME[:SLOT,...][@NAME...])")
-        validate_hostname(host, f"{flag} {spec!r}")
-        if host in out:
-            raise HostfileError(f"{flag} {spec!r}: host {host!r} appears twice; list its slots once")
-        slots = None
+            raise HostfileError(f"{flag} {_show(spec)}: empty host name (expected NAME[:SLOT,...][@NAME...])")
+        validate_hostname(host, f"{flag} {_show(spec)}")
+        slots: set[int] = set()
         if sep:
             try:
-                slots = sorted({int(s) for s in slot_text.split(",")})
+                slots = {int(s) for s in slot_text.split(",")}
             except ValueError:
                 raise HostfileError(
-                    f"{flag} {spec!r}: slots of {host!r} must be comma-separated integers, got {slot_text!r}"
+                    f"{flag} {_show(spec)}: slots of {host!r} must be comma-separated integers, got {_show(slot_text)}"
                 ) from None
-        out[host] = slots
+        if slots:
+            out[host] = sorted(slots | set(out.get(host) or ()))
+        else:
+            out.setdefault(host, None)
     return out
 
 
@@ -251,10 +290,14 @@ def apply_filters(
     chosen = parse_filter(spec, flag)
     for host, slots in chosen.items():
         if host not in pool:
-            raise HostfileError(f"{flag} names host {host!r}, which is not in the hostfile{where}: {', '.join(pool)}")
+            known = ", ".join(list(pool)[:10]) + (f", ... ({len(pool)} hosts)" if len(pool) > 10 else "")
+            raise HostfileError(f"{flag} names host {host!r}, which is not in the hostfile{where}: {known}")
         missing = [s for s in slots or () if s not in pool[host]]
         if missing:
-            raise HostfileError(f"{flag} names slot(s) {missing} of {host!r}, which has slots {pool[host]}{where}")
+            raise HostfileError(
+                f"{flag} names slot(s) {_show_slots(missing)} of {host!r}, "
+                f"which has slots {_show_slots(pool[host])}{where}"
+            )
     result: dict[str, list[int]] = {}
     for host, slots in pool.items():
         if include:
@@ -265,5 +308,5 @@ def apply_filters(
         if kept:
             result[host] = kept
     if not result:
-        raise HostfileError(f"{flag} {spec!r} leaves no slots to run on{where}")
+        raise HostfileError(f"{flag} {_show(spec)} leaves no slots to run on{where}")
     return result

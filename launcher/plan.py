@@ -11,7 +11,9 @@ stays fast.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import numbers
 import os
 from collections.abc import Mapping
@@ -39,9 +41,85 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+# Deterministic Miller-Rabin witnesses: correct for every n < 3.3e24, far past 64 bits.
+_MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    for p in _MR_BASES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in _MR_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _a_factor(n: int) -> int:
+    """A non-trivial factor of the odd composite `n` (Pollard's rho, Brent's cycle finding)."""
+    for c in itertools.count(1):
+        y, r, q, g, x, ys = 2, 1, 1, 1, 2, 2
+        while g == 1:
+            x = y
+            for _ in range(r):
+                y = (y * y + c) % n
+            k = 0
+            while k < r and g == 1:
+                ys = y
+                for _ in range(min(128, r - k)):
+                    y = (y * y + c) % n
+                    q = q * abs(x - y) % n
+                g = math.gcd(q, n)
+                k += 128
+            r *= 2
+        if g == n:  # the batched gcd overshot: step back one by one
+            g = 1
+            while g == 1:
+                ys = (ys * ys + c) % n
+                g = math.gcd(abs(x - ys), n)
+        if g != n:
+            return g
+    raise AssertionError("unreachable")
+
+
+def _prime_factors(n: int) -> dict[int, int]:
+    """{prime: exponent} of n >= 1. Trial division for small primes, then Pollard's rho,
+    so a 64-bit n takes milliseconds where trial division up to sqrt(n) takes minutes."""
+    out: dict[int, int] = {}
+    for p in (2, 3, 5, 7, 11, 13):
+        while n % p == 0:
+            out[p] = out.get(p, 0) + 1
+            n //= p
+    stack = [n] if n > 1 else []
+    while stack:
+        m = stack.pop()
+        if _is_prime(m):
+            out[m] = out.get(m, 0) + 1
+        else:
+            f = _a_factor(m)
+            stack += [f, m // f]
+    return out
+
+
 def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
+    """Every divisor of n >= 1, ascending, built from its prime factors (no search up to n or
+    sqrt(n); a 64-bit number has at most about 10^5 divisors)."""
+    divisors = [1]
+    for p, e in _prime_factors(n).items():
+        divisors = [d * p**i for d in divisors for i in range(e + 1)]
+    return sorted(divisors)
 
 
 def _fmt(values: list[int], limit: int = 12) -> str:
@@ -222,7 +300,10 @@ class BatchPlan:
         m = 1 if micro_batch_size is None else _positive_int("micro_batch_size", micro_batch_size)
         mp = _positive_int("model_parallel_size", model_parallel_size)
         top = _positive_int("max_world_size", max_world_size)
-        return [w for w in range(mp, top + 1, mp) if g % (m * (w // mp)) == 0]
+        if g % m:
+            return []
+        # dp must divide g / m: walk its divisors, not every world size up to `top`.
+        return [mp * d for d in _divisors(g // m) if mp * d <= top]
 
     # ------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:

@@ -2,6 +2,18 @@
 
 Children run in their own process group so that a signal to the launcher (Ctrl-C, Slurm's
 TERM) reaches every worker, and so that a launcher that dies takes no orphan with it.
+
+A launcher killed outright (SIGKILL, the OOM killer) runs no cleanup, so two mechanisms
+that need none stand in for it on Linux:
+
+- every child gets a parent-death signal (prctl PR_SET_PDEATHSIG, SIGTERM) before exec:
+  workers stop, and torchrun / deepspeed / mpirun get the SIGTERM they stop their own
+  workers on;
+- a watchdog process, started first, holds the read end of a pipe only the launcher
+  writes to. When the launcher dies the pipe closes; the watchdog then sends SIGTERM to
+  every process of the children's sessions and every descendant of the children (torchrun
+  starts its workers in sessions of their own), and SIGKILL to those still there after
+  WATCHDOG_GRACE_S.
 """
 
 from __future__ import annotations
@@ -14,6 +26,143 @@ import sys
 from collections.abc import Mapping, Sequence
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+#: Seconds between the watchdog's SIGTERM and its SIGKILL once the launcher has died.
+WATCHDOG_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+# The watchdog runs with `python -c`: it imports nothing of gradaccum, so it starts in
+# milliseconds and works whatever sys.path the launcher had. Protocol on stdin: "+PID"
+# when a child starts, "-PID" when it has been reaped; end of file when the launcher
+# exits or dies. Linux only (/proc).
+_WATCHDOG = r"""
+import os, signal, sys, time
+grace = float(sys.argv[1])
+roots = set()
+for line in sys.stdin:
+    sign, pid = line[:1], int(line[1:])
+    (roots.add if sign == "+" else roots.discard)(pid)
+if not roots:
+    sys.exit(0)
+def table():
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                out[int(name)] = (int(fields[1]), int(fields[2]), int(fields[3]))  # ppid, pgid, sid
+    return out
+doomed = set()
+def collect():
+    procs = table()
+    found = {p for p, (_, pgid, sid) in procs.items() if p in roots or pgid in roots or sid in roots}
+    grew = True
+    while grew:
+        more = {p for p, (ppid, _, _) in procs.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    found.discard(os.getpid())
+    doomed.update(found)
+    return found & set(procs)
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+signal_all(collect(), signal.SIGTERM)
+deadline = time.monotonic() + grace
+while time.monotonic() < deadline:
+    alive = collect()
+    if not alive:
+        sys.exit(0)
+    signal_all(alive, signal.SIGTERM)
+    time.sleep(0.1)
+signal_all(collect(), signal.SIGKILL)
+"""
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent(sig: int = signal.SIGTERM):
+    """A preexec_fn that makes the child receive `sig` when this process dies (Linux).
+
+    Set after fork and kept across exec. If this process died between the fork and the
+    prctl, the child signals itself at once instead of waiting for a signal that was missed.
+    """
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+class _Watchdog:
+    """The launcher's side of the watchdog pipe (see the module docstring)."""
+
+    def __init__(self, grace_s: float = WATCHDOG_GRACE_S) -> None:
+        self.proc: subprocess.Popen | None = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, str(grace_s)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,  # a signal to the launcher's group must not stop it first
+            )
+        except OSError:
+            self.proc = None
+
+    def _send(self, line: str) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(line + "\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    def watch(self, pid: int) -> None:
+        self._send(f"+{pid}")
+
+    def forget(self, pid: int) -> None:
+        self._send(f"-{pid}")
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=WATCHDOG_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def format_command(argv: Sequence[str]) -> str:
@@ -43,7 +192,21 @@ def run_command(
     if isinstance(argv, str):
         raise TypeError("argv must be a list of arguments, not a shell string")
     full_env = dict(os.environ if env is None else env)
-    proc = subprocess.Popen(list(argv), env=full_env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True)
+    watchdog = _Watchdog()
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            env=full_env,
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
+    except BaseException:
+        watchdog.close()
+        raise
+    watchdog.watch(proc.pid)
 
     def forward(signum, _frame):
         try:
@@ -63,6 +226,8 @@ def run_command(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _reap_group(proc.pid, kill_grace_s)
+        watchdog.forget(proc.pid)
+        watchdog.close()
     return _exit_status(returncode)
 
 
@@ -165,6 +330,7 @@ def run_local_workers(
     base = dict(os.environ if env is None else env)
     workers: list[subprocess.Popen] = []
     interrupted: list[int] = []
+    watchdog = _Watchdog()
 
     def forward(signum, _frame):
         interrupted.append(signum)
@@ -192,7 +358,12 @@ def run_local_workers(
             )
             # Own session per worker: a signal to its group also reaches its children
             # (data-loader processes) and nothing else.
-            workers.append(subprocess.Popen(list(argv), env=worker_env, cwd=cwd, start_new_session=True))
+            workers.append(
+                subprocess.Popen(
+                    list(argv), env=worker_env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent()
+                )
+            )
+            watchdog.watch(workers[-1].pid)
         running = dict(enumerate(workers))
         while running:
             for rank, proc in list(running.items()):
@@ -221,6 +392,8 @@ def run_local_workers(
                 proc.kill()
                 proc.wait()
             _reap_group(proc.pid, stop_grace_s)
+            watchdog.forget(proc.pid)
+        watchdog.close()
 
 
 def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,20 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     # The next save cleans the half-written directory up.
     save_checkpoint(root, 3, state)
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
+def test_next_save_removes_temp_files_of_latest_left_by_a_kill(tmp_path):
+    # A SIGKILL between mkstemp and the rename in write_text_atomic(root / "latest") leaves
+    # `.latest.XXXXXXXX.tmp` (mkstemp's name for it); make one exactly that way.
+    import tempfile
+
+    save_checkpoint(tmp_path, 1, _state(1))
+    leftovers = [Path(tempfile.mkstemp(prefix=".latest.", suffix=".tmp", dir=tmp_path)[1]) for _ in range(2)]
+    other = tmp_path / ".notes.abc.tmp"  # another file's temp name: not ours to remove
+    other.write_text("")
+    save_checkpoint(tmp_path, 2, _state(2))
+    assert not any(p.exists() for p in leftovers)
+    assert other.exists() and (tmp_path / "latest").read_text() == "step_00000002\n"
 
 
 def test_inspect_cli(tmp_path):

@@ -140,3 +140,29 @@ def test_help_is_useful():
     assert r.returncode == 0 and "plan" in r.stdout and "config" in r.stdout
     r = run_cli("plan", "--help")
     assert "--global-batch-size" in r.stdout and "--nproc-per-node" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "global_batch, world",
+    [("1999999999999999978", "2"), (str(4294967291 * 4294967279), "1"), (str(2**64 - 59), "3")],
+)
+def test_plan_answers_for_64_bit_global_batches(global_batch, world):
+    # A divisor search up to n (or sqrt(n)) ran for minutes here; the timeout is a hang
+    # guard, far above the milliseconds the factorisation takes.
+    r = run_cli("plan", "--global-batch-size", global_batch, "--world-size", world, "--json", timeout=30)
+    if int(global_batch) % int(world):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["micro_batch_size"] * out["data_parallel_size"] * out["gradient_accumulation_steps"] == int(global_batch)
+
+
+def test_config_base_with_a_duplicate_key_exits_2_naming_key_and_file(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text('{"train_batch_size": 24, "train_batch_size": 32}')
+    out = tmp_path / "ds.json"
+    r = run_cli("config", "deepspeed", "--global-batch-size", "32", "--world-size", "2", "--base", str(base), "-o", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{base} gives the key 'train_batch_size' more than once" in r.stderr
+    assert not out.exists()

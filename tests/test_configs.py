@@ -107,3 +107,31 @@ def test_a_rendered_default_is_replaced_by_an_explicit_setting_later():
     # A value the user wrote still conflicts.
     with pytest.raises(ConfigError, match="gradient_clipping=0.5 but the trainer asks for 1.0"):
         deepspeed_config(plan, {"gradient_clipping": 0.5}, gradient_clipping=1.0)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('{"train_batch_size": 24, "train_batch_size": 32}', "train_batch_size"),
+        ('{"gradient_clipping": 1.0, "zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}', "gradient_clipping"),
+        ('{"zero_optimization": {"stage": 1, "stage": 2}}', "stage"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_key_and_file(tmp_path, text, key):
+    from launcher.configs import load_json_file
+
+    path = tmp_path / "base.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_json_file(path, "base DeepSpeed config")
+    assert f"'{key}' more than once" in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_plan_file_with_a_key_given_twice_is_refused(tmp_path):
+    from launcher.plan import PlanError
+
+    path = tmp_path / "plan.json"
+    text = BatchPlan.solve(8, 2, world_size=2).to_json()
+    path.write_text(text.replace('"world_size": 2', '"world_size": 2, "world_size": 4'))
+    with pytest.raises(PlanError, match="'world_size' more than once"):
+        BatchPlan.from_file(path)

@@ -284,3 +284,78 @@ def test_cli_env_inconsistent_environment_exits_2():
     r = run_cli("env", "--json", env={"RANK": "5", "WORLD_SIZE": "2"})
     assert r.returncode == 2 and r.stdout == ""
     assert "rank 5 is outside world size 2" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------ issue 18: peers' data, half-set variables
+def test_nodelist_accepts_whitespace_after_commas_inside_brackets(slurm_conf):
+    # Lightning's test data: the first host of `1.2.3.[089, 100-110]` is 1.2.3.089.
+    expected = ["1.2.3.089"] + [f"1.2.3.{n}" for n in range(100, 111)]
+    assert expand_nodelist("1.2.3.[089, 100-110]", {}, method="hostlist") == expected
+    assert expand_nodelist("1.2.3.[089, 100-110]", slurm_conf, method="scontrol") == expected
+    assert expand_nodelist("n[1 ,2,  3]", {}, method="hostlist") == ["n1", "n2", "n3"]
+    environ = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NODELIST": "1.2.3.[089, 100-110]"}
+    with mock.patch.object(cenv, "slurm_configured", return_value=False):
+        assert detect(environ, use_mpi4py=False).master_addr == "1.2.3.089"
+
+
+@pytest.mark.parametrize(
+    "nodelist, cause",
+    [
+        ("n[1 -3]", "space inside brackets (offset 3) that does not follow a comma"),
+        ("n[1-2", "opens a '[' that is never closed"),
+        ("n]1[", "']' with no '['"),
+        ("n[[1]]", "nests a '['"),
+    ],
+)
+def test_nodelist_errors_name_the_cause_that_is_there(nodelist, cause):
+    with pytest.raises(EnvError) as e:
+        expand_nodelist(nodelist, {}, method="hostlist")
+    assert cause in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "environ, present, missing",
+    [
+        ({"RANK": "1"}, "RANK", "WORLD_SIZE"),
+        ({"WORLD_SIZE": "4"}, "WORLD_SIZE", "RANK"),
+        ({"OMPI_COMM_WORLD_RANK": "1"}, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ({"PMI_RANK": "0"}, "PMI_RANK", "PMI_SIZE"),
+        ({"PMI_SIZE": "2"}, "PMI_SIZE", "PMI_RANK"),
+        (
+            {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"},
+            "OMPI_COMM_WORLD_SIZE and OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_RANK",
+        ),
+    ],
+)
+def test_half_set_launcher_variables_are_an_error_naming_what_is_missing(environ, present, missing):
+    with pytest.raises(EnvError) as e:
+        detect(environ, use_mpi4py=False)
+    assert f"{present} {'are' if ' and ' in present else 'is'} set but {missing} is not" in str(e.value)
+
+
+def test_a_complete_inner_launcher_still_wins_over_leftover_outer_variables():
+    # Full OMPI_* with a stray LOCAL_RANK (left by an outer launcher) is still OpenMPI.
+    assert detect({**OPENMPI, "LOCAL_RANK": "0"}, use_mpi4py=False).launcher == "openmpi"
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE is set but RANK is not"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be at least 1"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' must be at least 1"),
+        ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ],
+)
+def test_cli_env_bad_sizes_exit_2_without_traceback(environ, message):
+    clean = {k: "" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    r = run_cli("env", env={**clean, **environ})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_local_variables_alone_are_left_to_the_mpi_library():
+    # srun --mpi=pmix: no global OMPI rank or size; mpi4py answers, so no half-set error here.
+    environ = {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert detect(environ, use_mpi4py=False).launcher is None

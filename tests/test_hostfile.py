@@ -125,15 +125,32 @@ def test_filters(include, exclude, expected):
 
 
 @pytest.mark.parametrize(
+    "include, exclude, expected",
+    [
+        ("worker-0:1@worker-0:0,1", None, {"worker-0": [0, 1]}),
+        ("worker-0:3@worker-2@worker-0:0", None, {"worker-0": [0, 3], "worker-2": [0, 1]}),
+        ("worker-0@worker-0:1", None, {"worker-0": [1]}),  # DeepSpeed: the slot list wins
+        ("worker-2@worker-2", None, {"worker-2": [0, 1]}),
+        (None, "worker-0:1@worker-0:0", {"worker-0": [2, 3], "worker-1": [0, 1, 2, 3], "worker-2": [0, 1]}),
+        (None, "worker-2@worker-2:1", {"worker-0": [0, 1, 2, 3], "worker-1": [0, 1, 2, 3], "worker-2": [0]}),
+    ],
+)
+def test_a_host_named_twice_merges_its_slots_as_deepspeed_does(include, exclude, expected):
+    from deepspeed.launcher.runner import parse_resource_filter
+
+    assert dict(parse_resource_filter(POOL, include or "", exclude or "")) == expected
+    assert apply_filters(POOL, include, exclude) == expected
+
+
+@pytest.mark.parametrize(
     "include, exclude, message",
     [
         ("worker-9", None, "names host 'worker-9', which is not in the hostfile"),
-        ("worker-2:5", None, "slot(s) [5] of 'worker-2'"),
+        ("worker-2:5", None, "slot(s) 5 of 'worker-2', which has slots 0-1"),
         ("worker-0", "worker-1", "cannot be combined"),
         (None, "worker-0@worker-1@worker-2", "leaves no slots"),
         ("worker-0:a", None, "comma-separated integers"),
         ("worker-0@@worker-1", None, "empty host name"),
-        ("worker-0@worker-0:1", None, "appears twice"),
         ("-oProxyCommand=x", None, "starts with '-'"),
     ],
 )
@@ -150,10 +167,11 @@ _hosts = st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4,
 def _pool_and_filter(draw):
     hosts = draw(_hosts)
     pool = {h: list(range(draw(st.integers(1, 4)))) for h in hosts}
-    chosen = draw(st.lists(st.sampled_from(hosts), min_size=1, max_size=len(hosts), unique=True))
+    # Hosts may repeat and slots may repeat: DeepSpeed merges both (issue 18).
+    chosen = draw(st.lists(st.sampled_from(hosts), min_size=1, max_size=len(hosts) + 2))
     parts = []
     for h in chosen:
-        slots = draw(st.one_of(st.none(), st.lists(st.sampled_from(pool[h]), min_size=1, unique=True)))
+        slots = draw(st.one_of(st.none(), st.lists(st.sampled_from(pool[h]), min_size=1, max_size=5)))
         parts.append(h if slots is None else f"{h}:{','.join(map(str, slots))}")
     return pool, "@".join(parts), draw(st.booleans())
 
@@ -251,3 +269,37 @@ def test_cli_convert_writes_atomically_and_round_trips(tmp_path):
     assert out.read_text() == "worker-0:4\nworker-1:3\n10.0.0.12:2\n"
     r = run_cli("hostfile", "convert", str(out), "--to", "deepspeed")
     assert r.stdout == "worker-0 slots=4\nworker-1 slots=3\n10.0.0.12 slots=2\n"
+
+
+def test_cli_include_naming_a_host_twice_merges_its_slots():
+    r = run_cli("hostfile", "check", "hostfiles/deepspeed.txt", "--include", "worker-0:1@worker-0:0,1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"hosts": {"worker-0": [0, 1]}}
+
+
+@pytest.mark.parametrize(
+    "text", ["w slots=100000000000000000000000\n", "w slots=1000000000\n", "w slots=4097\n", "w:4097\n"]
+)
+def test_slots_above_the_maximum_are_refused_and_say_so(text):
+    with pytest.raises(HostfileError) as e:
+        parse_hostfile(text, "hosts.txt")
+    assert "above the maximum of 4096 processes per host" in str(e.value)
+    assert parse_hostfile("w slots=4096\n").total_slots == parse_hostfile("w:4096\n").total_slots == 4096
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["x" * 100_000 + " slots=1", "w slots=1 " + "y" * 100_000, "w slots=" + "9" * 100_000, "w:" + "z" * 100_000],
+)
+def test_a_huge_hostfile_line_is_cut_in_the_error(line):
+    with pytest.raises(HostfileError) as e:
+        parse_hostfile(line + "\n", "hosts.txt")
+    assert len(str(e.value)) < 400 and "(100" in str(e.value) and "characters)" in str(e.value)
+
+
+def test_cli_check_huge_slots_exits_2_in_one_line(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("w slots=100000000000000000000000\n")
+    r = run_cli("hostfile", "check", str(hosts))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "above the maximum of 4096" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -132,3 +132,33 @@ def test_signal_to_the_launch_reaches_every_worker(launcher, sig, tmp_path):
     status = launch.wait()
     assert status != 0, launch.log[-4000:]
     assert_all_gone(everything)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", list(CASES))
+def test_workers_die_with_a_sigkilled_launch(launcher, tmp_path):
+    """SIGKILL (or the OOM killer) on `gradaccum launch` runs no cleanup in it; the
+    parent-death signal and the watchdog must still take every worker down."""
+    flags, _ = CASES[launcher]
+    launch = Launch(tmp_path, launcher, *flags)
+    pids = launch.wait_for_workers()
+    everything = launch.processes()
+    assert {pids[0], pids[1]} <= {p.pid for p in everything}
+    launch.proc.send_signal(signal.SIGKILL)
+    launch.proc.wait()
+    assert_all_gone(everything, grace_s=30.0)
+
+
+def test_run_dir_naming_an_existing_file_exits_2_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    taken = tmp_path / "not-a-dir"
+    taken.write_text("x")
+    r = run_cli(
+        "launch", "--launcher", "local", "--nproc-per-node", "1", "--global-batch-size", "4",
+        "--micro-batch-size", "2", "--run-dir", str(taken), "--", "examples/train.py", "--steps", "1",
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"run directory {taken} exists and is not a directory" in r.stderr
+    assert taken.read_text() == "x"

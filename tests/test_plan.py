@@ -216,3 +216,21 @@ def test_with_world_size_keeps_global_or_lists_only_compatible_sizes(g, m, world
             assert p.with_world_size(w).global_batch_size == g
         return
     assert q.global_batch_size == g and q.micro_batch_size <= m
+
+
+def test_divisors_match_brute_force_and_factor_64_bit_numbers():
+    from launcher.plan import _divisors
+
+    for n in range(1, 2000):
+        assert _divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    # Products of two large primes: a search up to sqrt(n) would take ~10^9 steps each.
+    assert _divisors(1999999999999999978) == [1, 2, 999999999999999989, 1999999999999999978]
+    assert _divisors(4294967291 * 4294967279) == [1, 4294967279, 4294967291, 4294967291 * 4294967279]
+    assert _divisors(2**64 - 59) == [1, 2**64 - 59]  # the largest 64-bit prime
+    assert len(_divisors(2**64 - 1)) == 128  # 3·5·17·257·641·65537·6700417
+    assert _divisors(2**63) == [2**i for i in range(64)]
+
+
+def test_huge_world_sizes_are_listed_from_divisors_not_by_search():
+    assert BatchPlan.compatible_world_sizes(2**62, None, 2**40)[-2:] == [2**39, 2**40]
+    assert BatchPlan.compatible_world_sizes(2**62, 3, 2**40) == []

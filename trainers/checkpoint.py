@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launcher.atomic import write_json_atomic, write_text_atomic
+from launcher.atomic import remove_stale_temps, write_json_atomic, write_text_atomic
 from launcher.errors import UserError
 
 FORMAT_VERSION = 1
@@ -128,6 +128,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):  # left by a save that was killed
             shutil.rmtree(stale)
+        remove_stale_temps(root / "latest")  # `.latest.*.tmp`, from a kill while writing `latest`
         tmp.mkdir()
     sync()
     if rank_state is not None:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.atomic import make_dir
 from launcher.backends import LAUNCHERS
 from launcher.backends.base import check_port
 from launcher.cli.common import add_batch_args, info, plan_from_args
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
 def _write_run_dir(run_dir: Path, plan, files) -> None:
     from launcher.atomic import write_json_atomic, write_text_atomic
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir, "run directory")
     write_json_atomic(run_dir / "plan.json", plan.to_dict())
     for f in files:
         if isinstance(f.content, dict):
