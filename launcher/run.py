@@ -306,6 +306,21 @@ def _signal_groups(pids: Sequence[int], signum: int) -> None:
             pass
 
 
+def local_worker_env(rank: int, nprocs: int, master_addr: str, master_port: int | str) -> dict[str, str]:
+    """The variables the `local` launcher gives worker `rank` of `nprocs` (torchrun's set)."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "ROLE_RANK": str(rank),
+        "WORLD_SIZE": str(nprocs),
+        "LOCAL_WORLD_SIZE": str(nprocs),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "GRADACCUM_LAUNCHER": "local",
+    }
+
+
 def run_local_workers(
     argv: Sequence[str],
     nprocs: int,
@@ -344,18 +359,7 @@ def run_local_workers(
             break
     try:
         for rank in range(nprocs):
-            worker_env = dict(base)
-            worker_env.update(
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                GROUP_RANK="0",
-                ROLE_RANK=str(rank),
-                WORLD_SIZE=str(nprocs),
-                LOCAL_WORLD_SIZE=str(nprocs),
-                MASTER_ADDR=master_addr,
-                MASTER_PORT=str(master_port),
-                GRADACCUM_LAUNCHER="local",
-            )
+            worker_env = {**base, **local_worker_env(rank, nprocs, master_addr, master_port)}
             # Own session per worker: a signal to its group also reaches its children
             # (data-loader processes) and nothing else.
             workers.append(

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -206,6 +207,9 @@ def test_dry_run_prints_the_command_and_writes_nothing(name, tmp_path):
     assert "global batch size" in r.stderr  # the resolved plan, on stderr
     _check_golden(name, _normalise(r.stdout))
     assert not run_dir.exists()
+    assert "--dry-run wrote nothing; the command reads /RUN/plan.json" in r.stderr  # says what it needs
+    assert "<" not in r.stdout  # real shell syntax, no placeholders
+    assert subprocess.run(["bash", "-n", "-c", r.stdout], capture_output=True).returncode == 0, r.stdout
 
 
 # ------------------------------------------------------ `gradaccum launch` errors
@@ -214,6 +218,7 @@ def test_dry_run_prints_the_command_and_writes_nothing(name, tmp_path):
     [
         (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--dry-run"], "no script"),
         (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--", "missing.py"], "does not exist"),
+        (["--launcher", "torchrun", *PLAN, "--nproc-per-node", "2", "--", "tests"], "'tests' is a directory"),
         (["--launcher", "torchrun", *PLAN, "--dry-run", "--", "t.py"], "the world size is required"),
         (["--launcher", "torchrun", *PLAN, "--hostfile", "hostfiles/localhost.txt", "--", "t.py"], "--hostfile is for"),
         (

@@ -22,8 +22,16 @@ class LocalBackend(Backend):
         return python_argv(launch.python, launch.script, launch.script_args)
 
     def describe(self, launch: Launch, env: Mapping[str, str], argv: Sequence[str]) -> str:
-        last = launch.world_size - 1
-        return f"{launch.nproc_per_node} × ({format_env(env)} RANK=<0..{last}> {shlex.join(argv)})"
+        """One shell line that starts every worker as `start` does (it can be pasted)."""
+        from launcher.run import local_worker_env
+
+        n = launch.nproc_per_node
+        workers = [
+            f"{format_env({**env, **local_worker_env(rank, n, launch.master_addr, launch.master_port)})} "
+            f"{shlex.join(argv)} &"
+            for rank in range(n)
+        ]
+        return "( " + " ".join(workers) + " wait )"
 
     def start(self, launch: Launch, argv: Sequence[str], env: Mapping[str, str]) -> int:
         from launcher.run import run_local_workers

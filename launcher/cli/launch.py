@@ -225,7 +225,14 @@ def run(args: argparse.Namespace) -> int:
     shown = backend.describe(launch, env, argv)
     if args.dry_run:
         print(shown, flush=True)
+        needed = ", ".join(str(launch.run_dir / name) for name in ["plan.json", *(f.name for f in files)])
+        info(
+            f"gradaccum launch: --dry-run wrote nothing; the command reads {needed}, which "
+            "`gradaccum launch` without --dry-run writes before starting it (same --run-dir to reuse the path)"
+        )
         return 0
+    if os.path.isdir(script):
+        raise UserError(f"script {script!r} is a directory; SCRIPT is a Python file, as with torchrun")
     if not os.path.isfile(script):
         raise UserError(f"script {script!r} does not exist; SCRIPT is a Python file, as with torchrun")
     info(f"run directory: {launch.run_dir}")
