@@ -119,8 +119,6 @@ def _backend_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if sync:
             raise UserError("--sync-every-micro-step is a DDP demonstration; DeepSpeed decides when it communicates")
         return {"zero_stage": args.zero_stage, "ds_config": args.deepspeed_config}
-    if args.zero_stage is not None:
-        raise UserError(f"--zero-stage is for a backend with ZeRO stages, not --backend {args.backend}")
     return {"sync_every_micro_step": True} if sync else {}
 
 
@@ -135,7 +133,7 @@ def start(args: argparse.Namespace, task: Task | None = None, trainer_class: typ
     timeout = check_collective_timeout(args.collective_timeout) or DEFAULT_COLLECTIVE_TIMEOUT_S
     extra = _backend_kwargs(args)
     plan = BatchPlan.from_env()
-    info = init_distributed(collective_timeout=timeout)
+    info = init_distributed(plan, collective_timeout=timeout)  # plan: its world size is checked now
     resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir) if args.resume else None
     if plan is None:
         plan = resolve_worker_plan(args, info.world_size, resume_from)
