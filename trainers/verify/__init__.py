@@ -1,11 +1,11 @@
 """`gradaccum verify` as a library: `verify(VerifyOptions(...))` returns a `VerifyReport`.
 
-options.py (launcher/verify_options.py)  options, defaults and checks, torch-free
-protocol.py   the parent/worker files and the worker's flags (trainers/worker.py)
-run.py        the reference, the workers under torchrun, the comparison
-interrupt.py  --interrupt-at-step: SIGKILL the run after a checkpoint, resume it
-compare.py    state differences and diagnoses
-report.py     the typed report, its JSON and its text
+launcher/verify_options.py: VerifyOptions, defaults and checks, torch-free (the CLI's too)
+protocol.py: the parent/worker files and the worker's flags (trainers/worker.py)
+run.py: the reference, the workers under torchrun, the comparison
+interrupt.py: --interrupt-at-step: SIGKILL the run after a checkpoint, resume it
+compare.py: state differences and diagnoses
+report.py: the typed report, its JSON and its text
 """
 
 from __future__ import annotations
