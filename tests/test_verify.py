@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -118,3 +119,58 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, messa
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "report.json").exists()
+
+
+def test_worker_flags_are_built_and_parsed_from_one_definition(monkeypatch):
+    """The parent's argv for the worker parses back to the same WorkerArgs (trainers/verify/protocol.py)."""
+    from trainers.verify.protocol import WorkerArgs, worker_parser
+
+    monkeypatch.delenv("GRADACCUM_DEEPSPEED_CONFIG", raising=False)
+    parser = worker_parser()
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(WorkerArgs)} <= dests
+    for args in (
+        WorkerArgs(task="m:f", steps=3, output_dir="out"),
+        WorkerArgs(
+            task="m:f",
+            steps=5,
+            output_dir="out",
+            no_shuffle=True,
+            collective_timeout=7.5,
+            backend="deepspeed",
+            zero_stage=2,
+            deepspeed_config="/x/ds.json",
+            checkpoint_dir="ck",
+            checkpoint_every=1,
+            keep_last=2,
+            resume="auto",
+            hold_after_step=2,
+        ),
+        WorkerArgs(task="m:f", steps=2, output_dir="out", sync_every_micro_step=True),
+    ):
+        assert WorkerArgs.from_namespace(parser.parse_args(args.to_argv())) == args
+
+
+def test_report_renders_the_json_keys_of_the_contract():
+    from trainers.verify import Interruption, StepReport, VerifyReport
+
+    step = StepReport(1, 2.0, 2.0, 0.0, 1e-7, 1, "w", 12, 30.0, 0.1, False, 2)
+    report = VerifyReport(
+        task="t", backend="ddp", zero_stage=None, precision="fp32", plan={}, world_sizes=[2, 3], tolerance=1e-5,
+        loss_mode="sum", optimizer="SGD", worker_exit_status=0, output_dir="d", seconds={}, initial_max_abs_diff=0.0,
+        steps=[step, dataclasses.replace(step, step=2, max_rel_diff=2e-7, allreduce_rounds=2)],
+        unequal_micro_batches=False, passed=True, interrupted=Interruption(1, -9, True, {"world_size": 3}),
+    )  # fmt: skip
+    d = report.to_dict()
+    assert set(d) == {
+        "task", "backend", "precision", "plan", "world_sizes", "tolerance", "loss_mode", "optimizer",
+        "worker_exit_status", "output_dir", "seconds", "initial_max_abs_diff", "steps", "unequal_micro_batches",
+        "max_abs_diff", "max_rel_diff", "allreduce_rounds_per_step", "loss_max_rel_diff", "skipped_steps", "passed",
+        "diagnostics", "files", "interrupted_at_step", "interrupt_exit_status", "resumed", "resumed_plan",
+    }  # fmt: skip
+    assert d["max_rel_diff"] == 2e-7 and d["allreduce_rounds_per_step"] == 2 and d["interrupted_at_step"] == 1
+    assert set(d["steps"][0]) == {
+        "step", "reference_loss", "distributed_loss", "max_abs_diff", "max_rel_diff", "allreduce_rounds",
+        "worst_tensor", "items", "count", "lr", "skipped", "world_size",
+    }  # fmt: skip
+    json.dumps(d)

@@ -41,22 +41,21 @@ def slow_task():
 
 
 def main() -> int:
+    from trainers.startup import add_worker_args, run_worker
+
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--checkpoint-dir", required=True)
+    add_worker_args(p, steps_default=None)
     p.add_argument("--output", required=True)
     p.add_argument("--die-at-step", type=int)
     p.add_argument("--hang-in-save-at-step", type=int)
     p.add_argument("--marker")
+    # the plan G=12, M=2 at the live world size; a checkpoint every step; resume when one exists
+    p.set_defaults(global_batch_size=12, micro_batch_size=2, checkpoint_every=1, resume="auto")
     args = p.parse_args()
 
     import torch.distributed as dist
 
-    from launcher import BatchPlan
     from trainers import DDPTrainer
-    from trainers.distributed import init_distributed, shutdown
-    from trainers.resume import install_stop_handlers
-    from trainers.worker import save_atomic
 
     class Trainer(DDPTrainer):
         def _checkpoint_extra_writer(self):
@@ -68,32 +67,29 @@ def main() -> int:
 
             return write
 
-    info = init_distributed()
-    plan = BatchPlan.solve(12, 2, world_size=info.world_size)
-    task = slow_task()
-    trainer = Trainer.from_task(task, plan, checkpoint_dir=args.checkpoint_dir, checkpoint_every=1)
-    trainer.resume("auto")
-    if args.die_at_step is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        loss, start, calls = task.loss, trainer.global_step, [0]
+    def train(session) -> None:
+        from trainers.startup import save_atomic
 
-        def dying_loss(model, batch):
-            calls[0] += 1  # K = 3 micro-steps per optimizer step at world size 2
-            step, micro = start + (calls[0] - 1) // 3 + 1, (calls[0] - 1) % 3 + 1
-            if info.rank == 1 and step == args.die_at_step and micro == 2:
-                print(f"rank 1: SIGKILL to myself in step {step}, micro-step 2", file=sys.stderr, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-            return loss(model, batch)
+        trainer = session.trainer
+        if args.die_at_step is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            loss, start, calls = trainer.loss, trainer.global_step, [0]
 
-        trainer.loss = dying_loss
-    install_stop_handlers(trainer)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    trainer.log(f"attempt {attempt}: starting at step {trainer.global_step}")
-    trainer.train(max(0, args.steps - trainer.global_step))
-    if info.rank == 0:
-        save_atomic(trainer.module.state_dict(), args.output)
-    del trainer
-    shutdown(barrier=True)
-    return 0
+            def dying_loss(model, batch):
+                calls[0] += 1  # K = 3 micro-steps per optimizer step at world size 2
+                step, micro = start + (calls[0] - 1) // 3 + 1, (calls[0] - 1) % 3 + 1
+                if session.info.rank == 1 and step == args.die_at_step and micro == 2:
+                    print(f"rank 1: SIGKILL to myself in step {step}, micro-step 2", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return loss(model, batch)
+
+            trainer.loss = dying_loss
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        trainer.log(f"attempt {attempt}: starting at step {trainer.global_step}")
+        trainer.train(session.steps_left)
+        if session.rank0:
+            save_atomic(trainer.module.state_dict(), args.output)
+
+    return run_worker(args, train, prog="resume_train.py", task=slow_task(), trainer_class=Trainer)
 
 
 if __name__ == "__main__":

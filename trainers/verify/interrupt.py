@@ -10,36 +10,17 @@ and compares every step with the reference as usual.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from launcher.atomic import write_json_atomic
-from launcher.errors import UserError
 from launcher.plan import BatchPlan
-
-HELD = "held.json"  # written by rank 0 when every rank holds after step S
-CHECKPOINTS_DIR = "checkpoints"
-HOLD_LIMIT_S = 300.0
-
-
-def hold_until_killed(steps_dir: str | os.PathLike[str], step: int, limit_s: float = HOLD_LIMIT_S) -> NoReturn:
-    """Every rank: wait to be SIGKILLed after step `step` (its checkpoint is complete)."""
-    import torch.distributed as dist
-
-    dist.barrier()  # rank 0 has written step `step`'s record; every rank is past the save
-    if dist.get_rank() == 0:
-        write_json_atomic(Path(steps_dir) / HELD, {"step": step, "pid": os.getpid()})
-    parent = os.getppid()
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline and os.getppid() == parent:  # the agent died: stop waiting
-        time.sleep(0.1)
-    raise UserError(f"held after step {step} for up to {limit_s:.0f} s but nobody killed the run (verify gone?)")
+from launcher.verify_options import VerifyOptions
+from trainers.verify.protocol import CHECKPOINTS_DIR, HELD, STEPS_DIR
+from trainers.verify.report import Interruption
 
 
 def _kill_tree(argv: Sequence[str]) -> int:
@@ -91,28 +72,29 @@ def kill_when_held(marker: Path, log: Callable[[str], None]) -> Callable[..., in
     return runner
 
 
-def run_interrupted(opts: Any, plan: BatchPlan, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run, SIGKILL after step S's checkpoint, resume at P2; what the report needs to know."""
+def run_interrupted(
+    opts: VerifyOptions,
+    plan: BatchPlan,
+    out: Path,
+    log: Callable[[str], None],
+    run_distributed: Callable[..., int],
+) -> tuple[int, list[int], Interruption]:
+    """Run, SIGKILL after step S's checkpoint, resume at P2: (exit status, world sizes, what happened).
+
+    `run_distributed(plan, fresh, checkpoints=..., hold_after_step=..., runner=...)` starts one run."""
     from trainers.resume import describe_change
-    from trainers.verify import STEPS_DIR, run_distributed
 
     step = opts.interrupt_at_step
+    assert step is not None
     checkpoints = out / CHECKPOINTS_DIR
     if checkpoints.exists():
         shutil.rmtree(checkpoints)  # an earlier verify's checkpoints must not be resumed
-    common = ["--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1", "--keep-last", "2", "--resume", "auto"]
+    common = {"checkpoint_dir": str(checkpoints), "checkpoint_every": 1, "keep_last": 2, "resume": "auto"}
     runner = kill_when_held(out / STEPS_DIR / HELD, log)
-    first = run_distributed(opts, plan, out, log, extra_args=[*common, "--hold-after-step", str(step)], runner=runner)
-    info: dict[str, Any] = {"interrupted_at_step": step, "interrupt_exit_status": first}
+    first = run_distributed(plan, True, dict(common, hold_after_step=step), runner)
     if not (out / STEPS_DIR / HELD).exists():
-        return {**info, "rc": first or 1, "world_sizes": [plan.world_size], "resumed": False}
+        return first or 1, [plan.world_size], Interruption(step, first, resumed=False)
     resumed_plan = plan.with_world_size(opts.resume_nproc_per_node or plan.world_size)
     log(f"verify: resuming from the checkpoint of step {step}: {describe_change(plan, resumed_plan)}")
-    rc = run_distributed(opts, resumed_plan, out, log, extra_args=common, fresh=False)
-    return {
-        **info,
-        "rc": rc,
-        "world_sizes": [plan.world_size, resumed_plan.world_size],
-        "resumed": True,
-        "resumed_plan": resumed_plan.to_dict(),
-    }
+    rc = run_distributed(resumed_plan, False, common, None)
+    return rc, [plan.world_size, resumed_plan.world_size], Interruption(step, first, True, resumed_plan.to_dict())
