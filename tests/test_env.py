@@ -287,6 +287,7 @@ def test_cli_env_inconsistent_environment_exits_2():
 
 
 # ------------------------------------------------ issue 18: peers' data, half-set variables
+@pytest.mark.slurm
 def test_nodelist_accepts_whitespace_after_commas_inside_brackets(slurm_conf):
     # Lightning's test data: the first host of `1.2.3.[089, 100-110]` is 1.2.3.089.
     expected = ["1.2.3.089"] + [f"1.2.3.{n}" for n in range(100, 111)]

@@ -135,6 +135,7 @@ def test_filters(include, exclude, expected):
         (None, "worker-2@worker-2:1", {"worker-0": [0, 1, 2, 3], "worker-1": [0, 1, 2, 3], "worker-2": [0]}),
     ],
 )
+@pytest.mark.deepspeed
 def test_a_host_named_twice_merges_its_slots_as_deepspeed_does(include, exclude, expected):
     from deepspeed.launcher.runner import parse_resource_filter
 

@@ -135,7 +135,7 @@ def test_signal_to_the_launch_reaches_every_worker(launcher, sig, tmp_path):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("launcher", list(CASES))
+@pytest.mark.parametrize("launcher", by_tool(CASES))
 def test_workers_die_with_a_sigkilled_launch(launcher, tmp_path):
     """SIGKILL (or the OOM killer) on `gradaccum launch` runs no cleanup in it; the
     parent-death signal and the watchdog must still take every worker down."""
