@@ -15,6 +15,7 @@ gradients after backward.
   non-boundary micro-steps (gradients accumulate unsharded, locally) and keeps parameters
   unsharded between the micro-steps of one window, so the next forward does not all-gather
   again; on the boundary both are restored. One reduce-scatter round per optimizer step.
+  `no_sync(module)` is the same as a context manager around a non-boundary micro-step.
 - `GradientReductionCounter` counts the backward passes that reduced gradients ("rounds").
 - Gradients are averaged over the data-parallel ranks (FSDP2's default, like DDP), so the
   shared loop's loss normalisation (1/K, or dp/N for (loss_sum, count)) carries over unchanged.
@@ -182,6 +183,17 @@ def micro_step_sync(module: nn.Module, boundary: bool) -> None:
     """
     module.set_requires_gradient_sync(boundary)  # type: ignore[operator]
     module.set_reshard_after_backward(boundary)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def no_sync(module: nn.Module) -> Iterator[None]:
+    """The Strategy seam's form of `micro_step_sync`: forward+backward of a non-boundary
+    micro-step inside it; on exit gradient sync and resharding are on again for the boundary."""
+    micro_step_sync(module, boundary=False)
+    try:
+        yield
+    finally:
+        micro_step_sync(module, boundary=True)
 
 
 #: torch.distributed functions through which FSDP2 reduces gradients (looked up at call time)

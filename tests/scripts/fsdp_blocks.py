@@ -19,6 +19,7 @@ this world size load DIR; rank 0 saves the gathered params + Adam state to FILE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -54,10 +55,13 @@ def train(args, rank: int, world: int) -> None:
             dist.all_reduce(n)
             counter.reset()
             for k, batch in enumerate(micro):
-                fsdp.micro_step_sync(model, k == args.k - 1 if mode == "off" else True)
-                loss_sum, _ = task.loss(model, batch)
-                with counter.backward():
-                    (loss_sum * ((world if args.reduce == "mean" else 1) / n)).backward()
+                # sync off: the last micro-step as micro_step_sync sets it, the others in no_sync
+                fsdp.micro_step_sync(model, boundary=True)
+                off = mode == "off" and k < args.k - 1
+                with fsdp.no_sync(model) if off else contextlib.nullcontext():
+                    loss_sum, _ = task.loss(model, batch)
+                    with counter.backward():
+                        (loss_sum * ((world if args.reduce == "mean" else 1) / n)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
