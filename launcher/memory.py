@@ -34,6 +34,17 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_count(text: str) -> int:
+    """'124000000', '1.2e9', '350M', '7B' (billions) -> a positive whole count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMB]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise MemoryError_(f"cannot read the count {text!r}: use e.g. 124000000, 1.2e9, 350M or 7B")
+    value = int(float(m[1]) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}[m[2].upper()])
+    if value < 1:
+        raise MemoryError_(f"the count must be positive, got {text!r}")
+    return value
+
+
 def format_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
 
@@ -117,3 +128,94 @@ def options_table(options: list[MicroChoice], budget_bytes: float | None) -> str
             f"{o.micro_batch_size:>6} {o.gradient_accumulation_steps:>6} {format_bytes(o.estimated_bytes):>12}  {'yes' if o.fits else 'no'}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------ model state (params, grads, optimizer)
+#: bytes per parameter of parameters, gradients and optimizer state, by precision. fp32: 4 + 4.
+#: bf16/fp16 (mixed precision): 16-bit parameters and gradients (2 + 2), and the fp32 master
+#: weights (4) counted with the optimizer state, which they live beside.
+PRECISION_BYTES = {"fp32": (4, 4, 0), "bf16": (2, 2, 4), "fp16": (2, 2, 4)}
+#: optimizer state bytes per parameter, fp32: Adam/AdamW two moments, SGD momentum one buffer
+OPTIMIZER_BYTES = {"adam": 8, "sgd": 4, "none": 0}
+#: what each sharded backend divides by the data-parallel size: (optimizer state, gradients, parameters)
+ZERO_SHARDING = {0: (False, False, False), 1: (True, False, False), 2: (True, True, False), 3: (True, True, True)}
+FSDP_SHARDING = (True, True, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateMemory:
+    """Per-rank bytes of parameters, gradients and optimizer state, and which are sharded."""
+
+    parameters: int
+    parameter_bytes: float
+    gradient_bytes: float
+    optimizer_bytes: float
+    sharded: tuple[str, ...]
+    data_parallel_size: int
+    assumption: str
+
+    @property
+    def total_bytes(self) -> float:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+    def describe(self) -> str:
+        shard = f"/ {self.data_parallel_size} ranks" if self.sharded else "(replicated on every rank)"
+        rows = [
+            ("parameters", self.parameter_bytes, "parameters"),
+            ("gradients", self.gradient_bytes, "gradients"),
+            ("optimizer state", self.optimizer_bytes, "optimizer state"),
+        ]
+        lines = [f"model state per rank ({self.parameters:,} parameters; {self.assumption})"]
+        for label, n, key in rows:
+            lines.append(f"  {label:<27}  {format_bytes(n):>12}   {shard if key in self.sharded else 'replicated'}")
+        lines.append(f"  {'total':<27}  {format_bytes(self.total_bytes):>12}")
+        return "\n".join(lines)
+
+
+def state_memory(
+    parameters: int,
+    data_parallel_size: int = 1,
+    *,
+    precision: str = "fp32",
+    optimizer: str = "adam",
+    zero_stage: int | None = None,
+    fsdp: bool = False,
+) -> StateMemory:
+    """Bytes per rank of parameters, gradients and optimizer state for `parameters` parameters.
+
+    Sharded (divided by the data-parallel size): optimizer state at ZeRO 1-3 and FSDP,
+    gradients at ZeRO 2-3 and FSDP, parameters at ZeRO 3 and FSDP. Buffers, activations and
+    the all-gathered working copy of a sharded block are not included.
+    """
+    if parameters < 1:
+        raise MemoryError_(f"--parameters must be a positive count of model parameters, got {parameters}")
+    if precision not in PRECISION_BYTES:
+        raise MemoryError_(f"unknown precision {precision!r}: one of {', '.join(PRECISION_BYTES)}")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise MemoryError_(f"unknown optimizer {optimizer!r}: one of {', '.join(OPTIMIZER_BYTES)}")
+    if zero_stage is not None and zero_stage not in ZERO_SHARDING:
+        raise MemoryError_(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if fsdp and zero_stage is not None:
+        raise MemoryError_("give --backend fsdp or --zero-stage, not both: FSDP shards like ZeRO 3 by itself")
+    p_bytes, g_bytes, master_bytes = PRECISION_BYTES[precision]
+    o_bytes = OPTIMIZER_BYTES[optimizer] + (master_bytes if optimizer != "none" else 0)
+    opt_sh, grad_sh, param_sh = FSDP_SHARDING if fsdp else ZERO_SHARDING[zero_stage or 0]
+    dp = data_parallel_size
+    sharded = tuple(n for n, s in (("parameters", param_sh), ("gradients", grad_sh), ("optimizer state", opt_sh)) if s)
+    assumption = (
+        f"{precision}: {p_bytes} B/param parameters, {g_bytes} B gradients, "
+        + (f"{master_bytes} B fp32 master weights + " if master_bytes and optimizer != "none" else "")
+        + f"{OPTIMIZER_BYTES[optimizer]} B {optimizer} state"
+    )
+    return StateMemory(
+        parameters,
+        parameters * p_bytes / (dp if param_sh else 1),
+        parameters * g_bytes / (dp if grad_sh else 1),
+        parameters * o_bytes / (dp if opt_sh else 1),
+        sharded,
+        dp,
+        assumption,
+    )

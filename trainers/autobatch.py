@@ -75,6 +75,16 @@ def trial_step(task: Any, micro: int, device: str = "cpu", before_measured_step:
         optimizer.zero_grad(set_to_none=True)
 
 
+def parameter_count(task_spec: str) -> int:
+    """Trainable parameters of the task's model (`--parameters` for the planner's model-state rows).
+
+    Builds the model once on the CPU; a parameter shared by several modules counts once."""
+    from trainers.task import load_task
+
+    model = load_task(task_spec).model()
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
 def reset_peak_rss() -> None:
     """Linux keeps an exact resident-set high-water mark and lets a process reset it."""
     with open("/proc/self/clear_refs", "w") as f:

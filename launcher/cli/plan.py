@@ -15,7 +15,17 @@ from launcher.cli.common import (
     plan_from_args,
     print_json,
 )
-from launcher.memory import MemoryModel, choose_micro_batch_size, micro_options, options_table, parse_bytes
+from launcher.errors import UserError
+from launcher.memory import (
+    OPTIMIZER_BYTES,
+    MemoryModel,
+    choose_micro_batch_size,
+    micro_options,
+    options_table,
+    parse_bytes,
+    parse_count,
+    state_memory,
+)
 
 ORDER = 10
 
@@ -51,7 +61,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=arg_type(parse_bytes),
         default=0,
         metavar="SIZE",
-        help="peak memory at micro 0: weights, grads, optimizer state",
+        help="peak memory at micro 0 beyond what --parameters accounts for (or all of it: weights, grads, "
+        "optimizer state)",
+    )
+    m.add_argument(
+        "--parameters",
+        type=arg_type(parse_count),
+        metavar="N",
+        help="the model's parameter count: parameter, gradient and optimizer-state bytes per rank are derived "
+        "from it, the precision and --optimizer, sharded as --backend/--zero-stage say, and added to the base "
+        "(--micro-batch-size auto counts the --task model's parameters)",
+    )
+    m.add_argument(
+        "--optimizer", choices=tuple(OPTIMIZER_BYTES), default="adam", help="with --parameters (default adam)"
+    )
+    m.add_argument(
+        "--backend",
+        choices=("ddp", "deepspeed", "fsdp"),
+        help="with --parameters: fsdp shards parameters, gradients and optimizer state over the data-parallel ranks",
+    )
+    m.add_argument(
+        "--zero-stage", type=int, choices=(0, 1, 2, 3), help="with --parameters: DeepSpeed ZeRO stage (sharding)"
     )
     m.add_argument(
         "--memory-budget",
@@ -66,9 +96,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     lr = lr_rule_from_args(args)
-    options = None
+    options = state = None
+    if args.parameters is None and args.micro_batch_size == "auto" and args.task:
+        from trainers.autobatch import parameter_count  # auto has imported torch already
+
+        args.parameters = parameter_count(args.task)
+    if args.parameters is None and (args.backend is not None or args.zero_stage is not None):
+        raise UserError("--backend and --zero-stage size the model state: give --parameters N with them")
+    if args.backend not in (None, "deepspeed") and args.zero_stage is not None:
+        raise UserError(f"--zero-stage is a DeepSpeed setting; --backend {args.backend} does not take it")
+    if args.parameters is not None:
+        state = state_memory(
+            args.parameters,
+            plan.data_parallel_size,
+            precision=plan.precision,
+            optimizer=args.optimizer,
+            zero_stage=args.zero_stage,
+            fsdp=args.backend == "fsdp",
+        )
     if args.memory_per_sample is not None:
-        model = MemoryModel(args.memory_base, args.memory_per_sample)
+        base = args.memory_base + (state.total_bytes if state is not None else 0)
+        model = MemoryModel(base, args.memory_per_sample)
         if (
             args.memory_budget is not None
             and args.micro_batch_size is None
@@ -90,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         out["lr"] = lr.lr_for(plan.global_batch_size)
         if options is not None:
             out["micro_batch_options"] = [vars(o) for o in options]
+        if state is not None:
+            out["model_state_memory"] = state.to_dict()
         print_json(out)
         return 0
     print(plan.describe())
@@ -99,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
             f"({lr.rule} scaling of {lr.base_lr:g} at batch {lr.base_batch_size or plan.global_batch_size}"
             + (f", {lr.warmup_steps} warm-up steps)" if lr.warmup_steps else ")")
         )
+    if state is not None:
+        print()
+        print(state.describe())
     if options is not None:
         print()
         print(options_table(options, args.memory_budget))
