@@ -99,7 +99,7 @@ def fit_link(small_bytes: float, small_s: float, large_bytes: float, large_s: fl
         raise AdviseError("fitting a link needs two ranks or more and two different sizes")
     factor = 2 * (ranks - 1) / ranks
     per_byte = max((large_s - small_s) / (large_bytes - small_bytes), 1e-15)
-    latency = max(small_s - factor * small_bytes * per_byte, 0.0) / (2 * (ranks - 1))
+    latency = max(small_s - small_bytes * per_byte, 0.0) / (2 * (ranks - 1))
     return Link(factor / per_byte, latency, f"measured between {ranks} local processes")
 
 
