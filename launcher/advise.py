@@ -159,9 +159,28 @@ class Compute:
     backward: Line
     optimizer_step_s: float
     link: Link | None  # None at world size 1
+    #: what the real trainer adds per micro-step and per optimizer step (see `calibrate`)
+    micro_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     def micro_step_s(self, m: int) -> float:
-        return self.forward(m) + self.backward(m)
+        return self.forward(m) + self.backward(m) + self.micro_overhead_s
+
+
+def calibrate(
+    compute: Compute, micro: int, step_s: dict[int, float], gradient_bytes: float, ranks: int, local: Link | None
+) -> Compute:
+    """Add the trainer's own overheads, from whole DDPTrainer steps timed at `micro` and two K.
+
+    Per micro-step: the slope of step time in K, less the raw micro-step. Per step: the K = 1
+    step, less one trainer micro-step, the (modelled) all-reduce on the local link, and the
+    optimizer step. Both clamped at 0 (noise must not make the trainer faster than its parts)."""
+    (k_lo, t_lo), (k_hi, t_hi) = sorted(step_s.items())[0], sorted(step_s.items())[-1]
+    per_micro = (t_hi - t_lo) / (k_hi - k_lo)
+    micro_overhead = max(per_micro - compute.micro_step_s(micro), 0.0)
+    comm = ddp_exposed_allreduce_s(gradient_bytes, ranks, local, compute.backward(micro)) if local else 0.0
+    step_overhead = max(t_lo - k_lo * per_micro - comm - compute.optimizer_step_s, 0.0)
+    return dataclasses.replace(compute, micro_overhead_s=micro_overhead, step_overhead_s=step_overhead)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +288,7 @@ def enumerate_options(
             comp = k * c.micro_step_s(m)
             comm, what = communication_s(backend, zero_stage, n, k, state, c.link, c.backward(m))
             opt = c.optimizer_step_s / (n if sharded_opt else 1)
-            step = comp + comm + opt
+            step = comp + comm + opt + c.step_overhead_s
             sps = global_batch_size / step
             tps = sps * tokens_per_sample if tokens_per_sample else None
             options.append(Option(n, m, k, step, choice.estimated_bytes, choice.fits, comp, comm, opt, sps, tps, what))

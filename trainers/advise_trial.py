@@ -10,6 +10,8 @@ the same time so that the contention of W processes on this machine is in the fi
 - time the optimizer step (gradient clipping included when the task clips);
 - with `--measure-link`, time gloo all-reduces of two sizes (small: latency; the gradient's
   size: bandwidth);
+- time whole optimizer steps of the real `DDPTrainer` at the smallest size with K = 1 and
+  K = 4: what the trainer adds per micro-step and per step beyond the raw figures;
 - on rank 0 of the `--memory` trial, measure the peak memory per micro-batch the way
   `--micro-batch-size auto` does (`trainers.autobatch.trial_step` between resets of the
   resident-set high-water mark), before any of the above is built.
@@ -34,6 +36,8 @@ from launcher.errors import UserError
 WARMUP = 2
 REPEATS = 5
 SMALL_ALLREDUCE_BYTES = 4096
+#: accumulation steps of the real-trainer steps that calibrate its overheads
+CALIBRATION_KS = (1, 4)
 
 
 def _robust_mean(values: list[float]) -> float:
@@ -118,6 +122,31 @@ def measure_allreduce(nbytes: int) -> float:
     return _robust_mean(times)
 
 
+def measure_trainer_steps(task: Any, world: int, micro: int, ks: tuple[int, ...]) -> dict[int, float]:
+    """Seconds per optimizer step of the real DDPTrainer at `micro` for each K in `ks`.
+
+    The raw micro-step times above miss what the trainer adds around them (sampling, loss
+    scaling, metrics, the step's small all-reduce): these steps calibrate that."""
+    import torch.distributed as dist
+
+    from launcher.plan import BatchPlan
+    from trainers.ddp import DDPTrainer
+
+    out = {}
+    for k in ks:
+        plan = BatchPlan.solve(world * micro * k, micro, world_size=world)
+        trainer = DDPTrainer.from_task(task, plan, log=False)
+        dist.barrier()
+        stamps = [time.perf_counter()]
+        trainer.train(WARMUP + REPEATS, callback=lambda _m, s=stamps: s.append(time.perf_counter()))
+        steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:]
+        out[k] = _robust_mean(steps)
+        if trainer.watchdog is not None:
+            trainer.watchdog.stop()
+        del trainer
+    return out
+
+
 def _nbytes(tensors: Any) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
@@ -153,7 +182,8 @@ def run_trial(args: argparse.Namespace) -> dict[str, Any]:
     if args.measure_link and info.world_size > 1:
         large = max(grad_bytes, 1 << 20)
         link = [[SMALL_ALLREDUCE_BYTES, measure_allreduce(SMALL_ALLREDUCE_BYTES)], [large, measure_allreduce(large)]]
-    mine = {"times": times, "optimizer_step_s": optimizer_s, "link": link}
+    calibration = measure_trainer_steps(task, info.world_size, sizes[0], CALIBRATION_KS)
+    mine = {"times": times, "optimizer_step_s": optimizer_s, "link": link, "trainer": calibration}
     everyone: list[Any] = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
     if info.rank == 0:
@@ -168,6 +198,10 @@ def run_trial(args: argparse.Namespace) -> dict[str, Any]:
             allreduce=None
             if link is None
             else [[b, max(r["link"][i][1] for r in everyone)] for i, (b, _) in enumerate(link)],
+            trainer_steps={
+                "micro_batch_size": sizes[0],
+                "step_s": [[k, max(r["trainer"][k] for r in everyone)] for k in CALIBRATION_KS],
+            },
             tokens_per_sample=_tokens_per_sample(task),
             available_bytes=_available_bytes(),
         )

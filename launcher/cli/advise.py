@@ -20,6 +20,7 @@ from launcher.advise import (
     Line,
     Link,
     StateBytes,
+    calibrate,
     check_world_sizes,
     enumerate_options,
     fit_link,
@@ -131,19 +132,30 @@ def measure(args: argparse.Namespace, worlds: list[int], link: Link | None) -> t
             memory_sizes = trial_sizes(args.global_batch_size // worlds[0])
             sizes = sorted(set(trial_sizes(per_rank)) | (set(memory_sizes) if i == 0 else set()))
             info(f"gradaccum advise: trial at world size {w} ({w} process(es)), micro-batches {sizes}")
-            results[w] = run_trial(args.task, w, sizes, link is None and w > 1, i == 0, Path(tmp))
+            results[w] = run_trial(args.task, w, sizes, w > 1, i == 0, Path(tmp))
     return results, time.monotonic() - start
 
 
 def compute_for(result: dict, link: Link | None) -> Compute:
-    if link is None and result.get("allreduce"):
+    """The trial's figures, calibrated on its trainer steps; `link` (given) or the measured one."""
+    local = None
+    if result.get("allreduce"):
         (small_b, small_s), (large_b, large_s) = result["allreduce"]
-        link = fit_link(small_b, small_s, large_b, large_s, result["world_size"])
-    return Compute(
+        local = fit_link(small_b, small_s, large_b, large_s, result["world_size"])
+    raw = Compute(
         Line.fit([tuple(p) for p in result["forward"]]),
         Line.fit([tuple(p) for p in result["backward"]]),
         result["optimizer_step_s"],
-        link,
+        link or local,
+    )
+    steps = result["trainer_steps"]
+    return calibrate(
+        raw,
+        steps["micro_batch_size"],
+        {int(k): s for k, s in steps["step_s"]},
+        result["gradient_bytes"],
+        result["world_size"],
+        local,
     )
 
 
@@ -207,6 +219,8 @@ def _measured(results, compute, memory, state, first, wall, budget_is_default) -
             "forward_s": [c.forward.intercept, c.forward.slope],
             "backward_s": [c.backward.intercept, c.backward.slope],
             "optimizer_step_s": c.optimizer_step_s,
+            "trainer_micro_overhead_s": c.micro_overhead_s,
+            "trainer_step_overhead_s": c.step_overhead_s,
             "link": None
             if c.link is None
             else {
