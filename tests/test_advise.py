@@ -16,6 +16,7 @@ from launcher.advise import (
     Line,
     Link,
     StateBytes,
+    calibrate,
     check_world_sizes,
     communication_s,
     ddp_buckets,
@@ -137,6 +138,22 @@ def test_options_enumerate_every_world_and_dividing_micro_batch_with_predicted_t
     assert w1m8.samples_per_s == pytest.approx(8 / w1m8.predicted_step_s)
     assert w1m8.scaling_efficiency == pytest.approx(1.0)
     assert w2m4.scaling_efficiency == pytest.approx(w2m4.samples_per_s / 2 / w1m8.samples_per_s)
+
+
+def test_calibration_adds_the_trainers_overheads():
+    raw = Compute(Line(0.006, 0.0006), Line(0.004, 0.0004), 0.005, None)  # micro 1: 11 ms raw
+    # real trainer steps at micro 1: K=1 20 ms, K=4 59 ms -> 13 ms per micro-step, 2 ms more than raw
+    cal = calibrate(raw, 1, {1: 0.020, 4: 0.059}, gradient_bytes=0, ranks=1, local=None)
+    assert cal.micro_overhead_s == pytest.approx(0.002)
+    assert cal.step_overhead_s == pytest.approx(0.020 - 0.013 - 0.005)
+    assert cal.micro_step_s(1) == pytest.approx(0.013)
+    # at two ranks the modelled all-reduce on the local link is not counted as overhead
+    link = Link(1e8, 0.0)
+    exposed = ddp_exposed_allreduce_s(1e6, 2, link, raw.backward(1))
+    cal2 = calibrate(raw, 1, {1: 0.020 + exposed, 4: 0.059 + exposed}, 1e6, 2, link)
+    assert cal2.step_overhead_s == pytest.approx(cal.step_overhead_s)
+    # noise never makes the trainer faster than its parts
+    assert calibrate(raw, 1, {1: 0.001, 4: 0.002}, 0, 1, None).step_overhead_s == 0.0
 
 
 def test_recommend_fastest_that_fits():
