@@ -64,15 +64,18 @@ def measure_memory(task: Any, sizes: list[int]) -> list[list[int]]:
 
 
 def measure_micro_steps(ddp: Any, task: Any, sizes: list[int], seed: int) -> dict[int, tuple[float, float]]:
-    """Per size: (collate+forward+loss seconds, backward seconds), without gradient sync."""
+    """Per size: (collate+forward+loss seconds, backward seconds), without gradient sync.
+
+    The sizes take turns within each repeat, so a change of load on a shared machine
+    shifts all sizes alike instead of tilting the fitted line."""
     import torch.distributed as dist
 
     collate, rng, n = _collate(task), random.Random(seed), len(task.dataset)
-    out = {}
-    for m in sizes:
-        dist.barrier()  # every rank measures the same size at the same time
-        fwd, bwd = [], []
-        for rep in range(WARMUP + REPEATS):
+    fwd: dict[int, list[float]] = {m: [] for m in sizes}
+    bwd: dict[int, list[float]] = {m: [] for m in sizes}
+    for rep in range(WARMUP + REPEATS):
+        for m in sizes:
+            dist.barrier()  # every rank measures the same size at the same time
             idx = rng.sample(range(n), m) if m <= n else [rng.randrange(n) for _ in range(m)]
             with ddp.no_sync():
                 t0 = time.perf_counter()
@@ -82,11 +85,10 @@ def measure_micro_steps(ddp: Any, task: Any, sizes: list[int], seed: int) -> dic
                 loss.backward()
                 t2 = time.perf_counter()
             if rep >= WARMUP:
-                fwd.append(t1 - t0)
-                bwd.append(t2 - t1)
-        ddp.zero_grad(set_to_none=False)
-        out[m] = (_robust_mean(fwd), _robust_mean(bwd))
-    return out
+                fwd[m].append(t1 - t0)
+                bwd[m].append(t2 - t1)
+    ddp.zero_grad(set_to_none=False)
+    return {m: (_robust_mean(fwd[m]), _robust_mean(bwd[m])) for m in sizes}
 
 
 def measure_optimizer_step(ddp: Any, optimizer: Any, task: Any) -> float:
@@ -126,25 +128,29 @@ def measure_trainer_steps(task: Any, world: int, micro: int, ks: tuple[int, ...]
     """Seconds per optimizer step of the real DDPTrainer at `micro` for each K in `ks`.
 
     The raw micro-step times above miss what the trainer adds around them (sampling, loss
-    scaling, metrics, the step's small all-reduce): these steps calibrate that."""
+    scaling, metrics, the step's small all-reduce): these steps calibrate that. The trainers
+    take turns, one step each, as `train()`'s loop body runs them."""
     import torch.distributed as dist
 
     from launcher.plan import BatchPlan
     from trainers.ddp import DDPTrainer
 
-    out = {}
-    for k in ks:
-        plan = BatchPlan.solve(world * micro * k, micro, world_size=world)
-        trainer = DDPTrainer.from_task(task, plan, log=False)
-        dist.barrier()
-        stamps = [time.perf_counter()]
-        trainer.train(WARMUP + REPEATS, callback=lambda _m, s=stamps: s.append(time.perf_counter()))
-        steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:]
-        out[k] = _robust_mean(steps)
+    trainers = {
+        k: DDPTrainer.from_task(task, BatchPlan.solve(world * micro * k, micro, world_size=world), log=False)
+        for k in ks
+    }
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for rep in range(WARMUP + 2 * REPEATS):
+        for k, trainer in trainers.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.step([trainer.micro_batch(ix) for ix in trainer.sampler.next_step()])
+            if rep >= WARMUP:
+                times[k].append(time.perf_counter() - t0)
+    for trainer in trainers.values():
         if trainer.watchdog is not None:
             trainer.watchdog.stop()
-        del trainer
-    return out
+    return {k: _robust_mean(v) for k, v in times.items()}
 
 
 def _nbytes(tensors: Any) -> int:
