@@ -77,6 +77,7 @@ def pick(options: list[dict], recommended: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.advise", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per real run (the first 2 are dropped)")
+    p.add_argument("--rounds", type=int, default=2, help="real runs per option, taking turns (median)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "advise.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -97,13 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             advice[name]["advise_wall_s"] = time.perf_counter() - t0
             log(f"advise {name}: {advice[name]['advise_wall_s']:.0f} s")
             rec = advice[name]["recommended"]
-            for o in pick(advice[name]["options"], rec):
-                real = measure(task, o["world_size"], o["micro_batch_size"], args.steps, Path(tmp))
+            picked = pick(advice[name]["options"], rec)
+            # several rounds over the options, so that a change of load on a shared machine
+            # falls on all of them rather than on one
+            reals: dict[int, list[float]] = {i: [] for i in range(len(picked))}
+            for _round in range(args.rounds):
+                for i, o in enumerate(picked):
+                    reals[i].append(measure(task, o["world_size"], o["micro_batch_size"], args.steps, Path(tmp)))
+            for i, o in enumerate(picked):
+                real = statistics.median(reals[i])
                 err = o["predicted_step_s"] / real - 1
                 row = dict(task=name, world_size=o["world_size"], micro_batch_size=o["micro_batch_size"],
                            gradient_accumulation_steps=o["gradient_accumulation_steps"],
                            recommended=o is rec or (o["world_size"], o["micro_batch_size"]) == (rec["world_size"], rec["micro_batch_size"]),
-                           predicted_s=o["predicted_step_s"], measured_s=real, error=err)  # fmt: skip
+                           predicted_s=o["predicted_step_s"], measured_s=real, measured_rounds_s=reals[i], error=err)  # fmt: skip
                 rows.append(row)
                 log(
                     f"{name} world {row['world_size']} micro {row['micro_batch_size']:>2} accum "
