@@ -195,7 +195,7 @@ def test_bad_world_sizes_and_bandwidth_exit_2_before_measuring():
     _one_line_error(run_cli(*base, "--world-sizes", "1,5", timeout=30), "5 do not divide", "24")
     _one_line_error(run_cli(*base, "--world-sizes", "1,x", timeout=30), "--world-sizes")
     _one_line_error(run_cli(*base, "--world-sizes", "1,2", "--interconnect", "0", timeout=30), "bandwidth")
-    _one_line_error(run_cli(*base, "--world-sizes", "1", "--zero-stage", "2", timeout=30), "--backend deepspeed")
+    _one_line_error(run_cli(*base, "--world-sizes", "1", "--zero-stage", "2", timeout=30), "DeepSpeed setting")
 
 
 @pytest.mark.slow
