@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.memory import MemoryModel, format_bytes, micro_options
+from launcher.memory import FSDP_SHARDING, ZERO_SHARDING, MemoryModel, format_bytes, micro_options
 from launcher.plan import _divisors
 
 MiB = 1024**2
@@ -193,10 +193,10 @@ class StateBytes:
 def sharded_fractions(backend: str, zero_stage: int) -> tuple[bool, bool, bool]:
     """(optimizer state, gradients, parameters) sharded across the data-parallel ranks?"""
     if backend == "fsdp":
-        return True, True, True
+        return FSDP_SHARDING
     if backend == "deepspeed":
-        return zero_stage >= 1, zero_stage >= 2, zero_stage >= 3
-    return False, False, False
+        return ZERO_SHARDING[zero_stage]
+    return ZERO_SHARDING[0]
 
 
 def communication_s(
