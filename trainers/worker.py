@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if rank0 and trainer.global_step == 0:
         save_atomic({"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0))
     while trainer.global_step < args.steps:
-        (metrics,) = trainer.train(1)
+        metrics = trainer.train(1)
         if rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
             record["model"] = trainer.module.state_dict()
