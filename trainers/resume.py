@@ -234,7 +234,9 @@ class Checkpointing:
             set_rng_state(rank_state)
         self.stop_requested = self.stopped = False
         self.last_step = trainer.global_step
-        notes = [f"gradaccum: resumed from {path} at step {trainer.global_step}: {describe_change(saved, trainer.plan)}"]
+        notes = [
+            f"gradaccum: resumed from {path} at step {trainer.global_step}: {describe_change(saved, trainer.plan)}"
+        ]
         if not same_world:
             notes.append(
                 f"world size {manifest['world_size']} -> {world}: the global batch order is unchanged; "

@@ -464,7 +464,9 @@ class Trainer:
         if new_global and self.optimizer is not None:
             rule = self.lr_scaling if lr_scaling is None else lr_scaling
             notes.append(
-                rescale_learning_rate(self.optimizer, self.scheduler, old.global_batch_size, plan.global_batch_size, rule)
+                rescale_learning_rate(
+                    self.optimizer, self.scheduler, old.global_batch_size, plan.global_batch_size, rule
+                )
             )
         self.log("\n  ".join(notes))
 

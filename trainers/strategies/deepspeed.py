@@ -270,7 +270,12 @@ class DeepSpeedStrategy(Strategy):
                 "processes as the plan's world size."
             )
         self.engine, self.config, self.plan = engine, config, plan
-        self.model, self.module, self.optimizer, self.scheduler = engine, engine.module, engine.optimizer, engine_scheduler
+        self.model, self.module, self.optimizer, self.scheduler = (
+            engine,
+            engine.module,
+            engine.optimizer,
+            engine_scheduler,
+        )
         self.dist, self.device, self.dp_rank, self.dp_size = info, info.device, info.rank, info.world_size
         self.precision = options.precision
         self.track_grad_norm = options.track_grad_norm
