@@ -196,7 +196,6 @@ class Checkpointing:
             meta["samples_consumed"] = trainer.sampler.consumed_samples
         if trainer.optimizer is not None:
             meta["lr"] = trainer.optimizer.param_groups[0].get("lr")
-        strategy = trainer.strategy
         path = save_checkpoint(
             root,
             trainer.global_step,
@@ -207,7 +206,7 @@ class Checkpointing:
             rank_state=rng_state(),
             barrier=_barrier(),
             keep_last=self.keep_last,
-            write_extra=strategy.write_files if strategy.has_files else None,
+            write_extra=trainer.strategy.write_files,
             meta=meta,
         )
         self.last_step = trainer.global_step

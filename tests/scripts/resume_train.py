@@ -4,7 +4,7 @@ and two ways to be interrupted at a chosen point:
   --die-at-step S         rank 1 SIGKILLs itself in the middle of step S (first attempt of a
                           torchrun --max-restarts job only: the restarted workers carry on)
   --hang-in-save-at-step S  the checkpoint of step S stops half-written (through the
-                          `_checkpoint_extra_writer` hook that DeepSpeed uses) and touches
+                          strategy's `write_files` seam that DeepSpeed uses) and touches
                           --marker, until the test SIGKILLs the run
 
 `slow_task` is the MLP task of trainers.example with a pause in the loss, so that a kill from
@@ -58,20 +58,19 @@ def main() -> int:
     from trainers.resume import install_stop_handlers
     from trainers.worker import save_atomic
 
-    class Trainer(DDPTrainer):
-        def _checkpoint_extra_writer(self):
-            def write(tmp_dir: Path) -> None:
-                (tmp_dir / f"extra_rank{dist.get_rank()}.txt").write_text(f"step {self.global_step}\n")
-                if self.global_step == args.hang_in_save_at_step:
-                    Path(args.marker).write_text(str(self.global_step))
-                    time.sleep(600)  # the test kills us here, with the save half done
-
-            return write
-
     info = init_distributed()
     plan = BatchPlan.solve(12, 2, world_size=info.world_size)
     task = slow_task()
-    trainer = Trainer.from_task(task, plan, checkpoint_dir=args.checkpoint_dir, checkpoint_every=1)
+    trainer = DDPTrainer.from_task(task, plan, checkpoint_dir=args.checkpoint_dir, checkpoint_every=1)
+
+    def write(tmp_dir: Path) -> None:
+        step = int(tmp_dir.name.rsplit("_", 1)[1])  # .tmp-step_00000003
+        (tmp_dir / f"extra_rank{dist.get_rank()}.txt").write_text(f"step {step}\n")
+        if step == args.hang_in_save_at_step:
+            Path(args.marker).write_text(str(step))
+            time.sleep(600)  # the test kills us here, with the save half done
+
+    trainer.strategy.write_files = write  # the seam where DeepSpeed writes its engine files
     trainer.resume("auto")
     if args.die_at_step is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         loss, start, calls = task.loss, trainer.global_step, [0]

@@ -160,10 +160,6 @@ class Strategy:
     def write_files(self, tmp_dir: Path) -> None:
         """Every rank, while a checkpoint is written: the backend's own files (default none)."""
 
-    @property
-    def has_files(self) -> bool:
-        return type(self).write_files is not Strategy.write_files
-
     def read_files(self, checkpoint_dir: Path) -> None:
         """Every rank, on resume: read what write_files wrote."""
 
