@@ -77,13 +77,17 @@ class CommonOptions:
     components: Sequence[Any] = ()
 
 
-def build_from_task(task: Any, device: torch.device) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+def build_from_task(
+    task: Any, device: torch.device, optimizer_factory: bool = False
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Seed torch, build the task's model on `device` and its optimizer: every rank and the
     reference build the same weights this way. Returns (model, optimizer, trainer keyword
-    arguments taken from the task); the scheduler is the caller's (DeepSpeed wants the factory)."""
+    arguments taken from the task); the scheduler is the caller's (DeepSpeed wants the factory).
+    `optimizer_factory=True` returns the task's factory instead of an optimizer, for a
+    strategy that builds it after wrapping (sharding) the model."""
     torch.manual_seed(task.seed)
     model = task.model().to(device)
-    optimizer = task.optimizer(model.parameters())
+    optimizer = task.optimizer if optimizer_factory else task.optimizer(model.parameters())
     fields = dict(
         dataset=task.dataset,
         count=task.count,
@@ -508,7 +512,7 @@ class Trainer:
         """Seed torch, build the task's model on this rank's device and its optimizer, and
         construct the trainer (the front door's keyword arguments pass through)."""
         device = cls._task_device(plan, kwargs)
-        model, optimizer, fields = build_from_task(task, device)
+        model, optimizer, fields = build_from_task(task, device, cls._optimizer_factory)
         scheduler = task.scheduler
         if scheduler is not None and not cls._scheduler_factory:
             scheduler = scheduler(optimizer)
@@ -516,6 +520,8 @@ class Trainer:
 
     #: DeepSpeed takes the task's scheduler factory; the others build the scheduler here
     _scheduler_factory = False
+    #: True: from_task hands the strategy the task's optimizer factory (built after sharding)
+    _optimizer_factory = False
 
     @classmethod
     def _task_device(cls, plan: Any, kwargs: dict[str, Any]) -> torch.device:

@@ -57,7 +57,7 @@ GRADIENT_COLLECTIVES = (
 def resume_problem(saved: Mapping[str, Any], zero_stage: int, data_parallel_size: int, precision: str) -> str | None:
     """Why a DeepSpeed checkpoint with layout `saved` cannot be loaded by this engine (None: it can).
 
-    DeepSpeed 0.19 stores ZeRO 1/2 optimizer state in one file per data-parallel rank and
+    DeepSpeed stores ZeRO 1/2 optimizer state in one file per data-parallel rank and
     refuses to re-partition it for another data-parallel size; ZeRO 0 keeps one full copy.
     """
     stage, dp = int(saved["zero_stage"]), int(saved["data_parallel_size"])
