@@ -154,8 +154,10 @@ def test_registry_imports_the_trainer_classes():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_deepspeed_streams_metrics_step_by_step(world_of_one):
+def test_deepspeed_streams_metrics_step_by_step(world_of_one, monkeypatch):
     from trainers.deepspeed_trainer import DeepSpeedTrainer
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed asserts it
 
     events: list = []
     plan = BatchPlan.solve(8, 2, world_size=1)
