@@ -153,6 +153,7 @@ def test_registry_imports_the_trainer_classes():
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed
 @pytest.mark.timeout(300)
 def test_deepspeed_streams_metrics_step_by_step(world_of_one, monkeypatch):
     from trainers.deepspeed_trainer import DeepSpeedTrainer
