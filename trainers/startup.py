@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 
 def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None = 10) -> None:
-    """The flags every worker script shares: task, plan, steps, precision, backend, checkpoints."""
+    """The flags every worker script shares: task, plan, steps, precision, backend, data
+    workers, metrics log, checkpoints."""
     parser.add_argument("--task", default="trainers.example:task", metavar="MODULE:FUNCTION")
     parser.add_argument("--global-batch-size", type=int, metavar="G")
     parser.add_argument("--micro-batch-size", type=int, metavar="M")
@@ -70,6 +71,20 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
         metavar="FILE",
         default=os.environ.get("GRADACCUM_DEEPSPEED_CONFIG"),
         help="deepspeed: your DeepSpeed JSON, merged under the plan (default $GRADACCUM_DEEPSPEED_CONFIG)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="rank 0 writes metrics.csv (one row per optimizer step; TensorBoard events when installed) here",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        metavar="N",
+        help="processes reading and collating the next step off the training thread (default: the task's, 0)",
     )
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -143,6 +158,9 @@ def start(args: argparse.Namespace, task: Task | None = None, trainer_class: typ
         precision=args.precision,
         collective_timeout=timeout,
         shuffle=not args.no_shuffle,
+        log_dir=args.log_dir,
+        progress=not args.no_progress,
+        **({} if args.num_workers is None else {"num_workers": args.num_workers}),
         count_collectives=True,  # the gradient all-reduce rounds per step are reported
         **checkpoint_kwargs,
         **extra,
@@ -206,4 +224,3 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
