@@ -17,12 +17,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import comm, launch, memory, microbatch, overhead, peers
+from benchmarks import comm, launch, loader_io, memory, microbatch, overhead, peers
 from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso, source_state
 from launcher.atomic import write_json_atomic, write_text_atomic
 from launcher.run import describe_status, run_local_workers
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
+NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "loader_io")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
@@ -37,6 +37,7 @@ FULL = {
     "microbatch_trial_sizes": None,  # autobatch's defaults
     "memory": {"ks": [1, 2, 4, 8, 16], "micro": 32, "reps": 2},
     "launch": {"reps": 5, "first_step_reps": 3},
+    "loader_io": {"rounds": 5, "steps": 20, "wait_ms": 2.0},
     "timeout_s": 540,
 }
 QUICK = {
@@ -46,6 +47,7 @@ QUICK = {
     "microbatch_trial_sizes": [1, 2],
     "memory": {"ks": [1, 2], "micro": 4, "reps": 1},
     "launch": {"reps": 1, "first_step_reps": 0},  # 0: six torch imports saved; the full run does it
+    "loader_io": {"rounds": 1, "steps": 3, "wait_ms": 2.0},
     "timeout_s": 240,
 }
 
@@ -177,6 +179,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
     if "launch" in selected:
         record("launch", lambda: launch.summarize(launch.run(cfg["launch"])))
+    if "loader_io" in selected:
+        record("loader_io", lambda: loader_io.summarize(loader_io.run(cfg["loader_io"])))
     return {"benchmarks": benchmarks, "targets": targets, "config": cfg, "selected": selected}
 
 
