@@ -108,7 +108,9 @@ def test_ramp_with_data_workers_gives_the_same_weights_and_batches():
         with _ramp_trainer(num_workers=workers, prefetch_factor=2) as trainer:
             trainer.set_batch_ramp("8,16@16,32@48")
             trainer.train(6)
-            runs.append((trainer.sampler.consumed_samples, {k: v.clone() for k, v in trainer.module.state_dict().items()}))
+            runs.append(
+                (trainer.sampler.consumed_samples, {k: v.clone() for k, v in trainer.module.state_dict().items()})
+            )
     (n0, w0), (n2, w2) = runs
     assert n0 == n2 == 8 + 8 + 16 + 16 + 32 + 32
     assert all(torch.equal(w0[k], w2[k]) for k in w0)

@@ -138,9 +138,7 @@ def _stderr_on_a_terminal(arg):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
     env = {**os.environ, "COLUMNS": "100"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _BAR_SCRIPT, arg], stdout=subprocess.PIPE, stderr=slave, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", _BAR_SCRIPT, arg], stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks = []
     while True:

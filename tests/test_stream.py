@@ -187,7 +187,10 @@ def _bad_task_module(tmp_path):
 @pytest.mark.parametrize(
     ("function", "message"),
     [
-        ("neither", "the dataset (Bag) is neither map-style (len() and indexing) nor a torch.utils.data.IterableDataset"),
+        (
+            "neither",
+            "the dataset (Bag) is neither map-style (len() and indexing) nor a torch.utils.data.IterableDataset",
+        ),
         ("short_stream", "the stream ended after 5 items, before the first global batch of 24"),
     ],
 )

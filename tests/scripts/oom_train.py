@@ -34,9 +34,7 @@ def main() -> None:
     out, steps = sys.argv[1], int(sys.argv[2])
     workers = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     plan = BatchPlan.solve(16, 8, world_size=2)
-    trainer = DDPTrainer.from_task(
-        oom_task(limit=2), plan, shuffle=False, count_collectives=True, num_workers=workers
-    )
+    trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False, count_collectives=True, num_workers=workers)
     trainer.enable_oom_fallback()
     history = list(trainer.iter_steps(steps))
     if dist.get_rank() == 0:
