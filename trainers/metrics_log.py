@@ -96,6 +96,7 @@ class MetricsLogger:
 
     `rank0`: whether this process writes; None asks torch.distributed (or $RANK) when the
     first hook runs. `tensorboard`: None = when installed, True = required, False = off.
+    `progress_file`: draw the bar there, terminal or not (default: stderr, only a terminal).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class MetricsLogger:
         progress: bool = True,
         tensorboard: bool | None = None,
         rank0: bool | None = None,
+        progress_file: Any = None,
     ) -> None:
         if tensorboard and not tensorboard_available():
             raise UserError("tensorboard=True but tensorboard is not installed: pip install 'gradaccum[tensorboard]'")
@@ -116,6 +118,7 @@ class MetricsLogger:
         self._writer: csv.DictWriter | None = None
         self._tb: Any = None
         self._bar: Any = None
+        self._progress_file = progress_file
 
     @property
     def csv_path(self) -> Path | None:
@@ -155,11 +158,12 @@ class MetricsLogger:
 
     def _open_bar(self, steps: int, done: int) -> None:
         self._close_bar()
-        if not self.progress or not sys.stderr.isatty():
+        out = self._progress_file
+        if not self.progress or (out is None and not sys.stderr.isatty()):
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._bar = tqdm(total=steps, desc="train", unit="step", file=out or sys.stderr, dynamic_ncols=True)
         self._bar.set_postfix_str(f"from step {done + 1}")
 
     def _close_bar(self) -> None:
