@@ -199,14 +199,21 @@ class MetricsLogger:
             self._writer.writerow({k: _cell(v) for k, v in row.items()})
             self._file.flush()
         if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "step_time_s"):
-                if row[key] is not None:
-                    self._tb.add_scalar(f"train/{key}", row[key], row["step"])
+            self._tb_scalars(row)
         if self._bar is not None:
             rate = f"  {row['items_per_s']:.1f} items/s" if row["items_per_s"] is not None else ""
             self._bar.set_postfix_str(f"step {row['step']}  loss {row['loss']:.4f}{rate}", refresh=False)
             self._bar.update(1)
         return row
+
+    def _tb_scalars(self, row: dict[str, Any]) -> None:
+        """The row's scalars as ONE event: a Summary per add_scalar() costs about four times
+        as much per step (see docs/performance.md, metrics_log)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        keys = ("loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "step_time_s")
+        values = [Summary.Value(tag=f"train/{k}", simple_value=row[k]) for k in keys if row[k] is not None]
+        self._tb._get_file_writer().add_summary(Summary(value=values), row["step"])
 
     def close(self) -> None:
         self._close_bar()
