@@ -186,3 +186,19 @@ def test_task_fields_reach_the_loader_and_bad_values_are_refused():
         assert trainer.data.pin_memory is False  # CPU: nothing to pin for
     with pytest.raises(UserError, match="num_workers must be a whole number >= 0.*-2"):
         ReferenceTrainer.from_task(task, 16, num_workers=-2, log=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_negative_num_workers_on_the_command_line_exits_2():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run(
+        [sys.executable, "examples/train.py", "--steps", "1", "--num-workers", "-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--num-workers: must be a whole number >= 0" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -36,6 +36,17 @@ if TYPE_CHECKING:
     from trainers.task import Task
 
 
+def _workers(text: str) -> int:
+    """--num-workers: a whole number >= 0, refused by argparse (exit 2) before any start-up."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: read on the training thread), got {text!r}")
+    return n
+
+
 def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None = 10) -> None:
     """The flags every worker script shares: task, plan, steps, precision, backend, data
     workers, metrics log, checkpoints."""
@@ -82,7 +93,7 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
     )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=_workers,
         metavar="N",
         help="processes reading and collating the next step off the training thread (default: the task's, 0)",
     )
@@ -198,6 +209,7 @@ def run_worker(
             from trainers.distributed import check_replicas as compare_replicas
 
             compare_replicas(session.trainer.module.parameters())
+        session.trainer.close()  # data workers stopped, metrics.csv closed
         session.trainer = None  # DDP's reducer holds the process group: let it go before the group does
         del session
         shutdown(barrier=True)  # no rank tears down its connections while another still writes
