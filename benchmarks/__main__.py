@@ -17,12 +17,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import comm, launch, memory, microbatch, overhead, peers
+from benchmarks import comm, launch, loader_io, memory, microbatch, overhead, peers, real_workloads
 from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso, source_state
 from launcher.atomic import write_json_atomic, write_text_atomic
 from launcher.run import describe_status, run_local_workers
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
+NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "loader_io", "metrics_log", "hf_step")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
@@ -37,6 +37,9 @@ FULL = {
     "microbatch_trial_sizes": None,  # autobatch's defaults
     "memory": {"ks": [1, 2, 4, 8, 16], "micro": 32, "reps": 2},
     "launch": {"reps": 5, "first_step_reps": 3},
+    "loader_io": {"rounds": 5, "steps": 20, "wait_ms": 2.0},
+    "metrics_log": {"global_batch": 16, "warmup": 3, "steps": 150},
+    "hf_step": {"micro": 4, "k": 4, "warmup": 3, "steps": 60},
     "timeout_s": 540,
 }
 QUICK = {
@@ -46,6 +49,9 @@ QUICK = {
     "microbatch_trial_sizes": [1, 2],
     "memory": {"ks": [1, 2], "micro": 4, "reps": 1},
     "launch": {"reps": 1, "first_step_reps": 0},  # 0: six torch imports saved; the full run does it
+    "loader_io": {"rounds": 1, "steps": 3, "wait_ms": 2.0},
+    "metrics_log": {"global_batch": 8, "warmup": 1, "steps": 3},
+    "hf_step": {"micro": 2, "k": 2, "warmup": 1, "steps": 3},
     "timeout_s": 240,
 }
 
@@ -177,6 +183,15 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
     if "launch" in selected:
         record("launch", lambda: launch.summarize(launch.run(cfg["launch"])))
+    if "loader_io" in selected:
+        record("loader_io", lambda: loader_io.summarize(loader_io.run(cfg["loader_io"])))
+    if "metrics_log" in selected:
+        record(
+            "metrics_log",
+            lambda: real_workloads.summarize_metrics_log(real_workloads.run_metrics_log(cfg["metrics_log"])),
+        )
+    if "hf_step" in selected:
+        record("hf_step", lambda: real_workloads.summarize_hf(real_workloads.run_hf(cfg["hf_step"])))
     return {"benchmarks": benchmarks, "targets": targets, "config": cfg, "selected": selected}
 
 

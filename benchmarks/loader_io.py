@@ -6,9 +6,9 @@ take the same optimizer steps (same items, same order, the same small MLP step):
            micro-batch lists as its batch sampler
   ours     trainers.loader.StepLoader(num_workers=2)
   ours-0   StepLoader(num_workers=0): reading on the training thread
-Rounds alternate the contenders; the medians are compared. Issue 17's targets:
-ours <= 1.02x hand's time, and ours-0 / ours >= 1.7. Not registered in `python -m
-benchmarks` yet (the lead decides); prints one JSON object.
+Rounds alternate the contenders; the medians are compared. Targets: ours <= 1.02x hand's
+time, and ours-0 / ours >= 1.7. Registered in `python -m benchmarks` as "loader_io"
+(run/summarize); alone it prints one JSON object.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.common import Target
 from launcher.plan import BatchPlan
 from trainers.loader import StepLoader, _MicroBatchIndices
 from trainers.sampler import GlobalBatchSampler
@@ -73,28 +75,43 @@ def run_once(name: str, data: SlowItems, plan: BatchPlan, steps: int) -> float:
         return time.perf_counter() - began
 
 
+NAME = "loader_io"
+OVER_HAND = 1.02
+SPEEDUP = 1.7
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Median seconds per contender over cfg["rounds"] alternating rounds of cfg["steps"] steps."""
+    torch.set_num_threads(1)
+    plan = BatchPlan(32, 8, 4, 1)
+    data = SlowItems(plan.global_batch_size * (cfg["steps"] + 2), cfg["wait_ms"] / 1000)
+    times: dict[str, list[float]] = {"hand": [], "ours": [], "ours-0": []}
+    for _ in range(cfg["rounds"]):
+        for name in times:
+            times[name].append(run_once(name, data, plan, cfg["steps"]))
+    return {"times_s": times, "config": {**cfg, "plan": str(plan)}}
+
+
+def summarize(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Target]]:
+    med = {k: statistics.median(v) for k, v in raw["times_s"].items()}
+    over_hand, speedup = med["ours"] / med["hand"], med["ours-0"] / med["ours"]
+    result = {**raw, "median_s": med, "ours_over_hand": over_hand, "speedup_over_num_workers_0": speedup}
+    wait = raw["config"]["wait_ms"]
+    return result, [
+        Target(f"{NAME}: num_workers=2 / hand DataLoader(num_workers=2)", over_hand, OVER_HAND, "<=",
+               f"items waiting {wait} ms each"),
+        Target(f"{NAME}: num_workers=0 / num_workers=2", speedup, SPEEDUP, ">=", f"items waiting {wait} ms each"),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.loader_io")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--wait-ms", type=float, default=2.0)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    plan = BatchPlan(32, 8, 4, 1)
-    data = SlowItems(plan.global_batch_size * (args.steps + 2), args.wait_ms / 1000)
-    times: dict[str, list[float]] = {"hand": [], "ours": [], "ours-0": []}
-    for _ in range(args.rounds):
-        for name in times:
-            times[name].append(run_once(name, data, plan, args.steps))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
-        "median_s": med,
-        "ours_over_hand": med["ours"] / med["hand"],
-        "speedup_over_num_workers_0": med["ours-0"] / med["ours"],
-        "targets": {"ours_over_hand <= 1.02": med["ours"] / med["hand"] <= 1.02,
-                    "speedup >= 1.7": med["ours-0"] / med["ours"] >= 1.7},
-        "config": {"steps": args.steps, "rounds": args.rounds, "wait_ms": args.wait_ms, "plan": str(plan)},
-    }
+    result, targets = summarize(run({"rounds": args.rounds, "steps": args.steps, "wait_ms": args.wait_ms}))
+    result["targets"] = [t.to_dict() for t in targets]
     print(json.dumps(result, indent=1))
     return 0
 

@@ -30,12 +30,13 @@ def test_smaller_plan_halves_micro_and_keeps_global():
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_oom_on_one_rank_halves_micro_batch_and_weights_equal_the_reference(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-workers", "2-workers"])
+def test_oom_on_one_rank_halves_micro_batch_and_weights_equal_the_reference(tmp_path, workers):
     steps = 3
     out = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         str(REPO / "tests" / "scripts" / "oom_train.py"), str(out), str(steps)],
+         str(REPO / "tests" / "scripts" / "oom_train.py"), str(out), str(steps), str(workers)],
         capture_output=True, text=True, timeout=200, cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -54,8 +55,8 @@ def test_oom_on_one_rank_halves_micro_batch_and_weights_equal_the_reference(tmp_
     assert summary["losses"] == pytest.approx(ref_losses, rel=1e-5)
 
 
-def _ramp_trainer(n=256):
-    return ReferenceTrainer.from_task(mlp_sum_task(n), BatchPlan.solve(32, world_size=1), shuffle=False)
+def _ramp_trainer(n=256, **kwargs):
+    return ReferenceTrainer.from_task(mlp_sum_task(n), BatchPlan.solve(32, world_size=1), shuffle=False, **kwargs)
 
 
 def test_ramp_consumes_exactly_the_scheduled_samples_and_scales_the_lr():
@@ -98,3 +99,18 @@ def test_ramp_resumes_mid_ramp_to_the_same_weights(tmp_path):
         == straight.sampler.consumed_samples
         == sum(BatchRamp.parse("8,16@16,32@48", BatchPlan.solve(32, 32, world_size=1)).batches(5))
     )
+
+
+@pytest.mark.timeout(240)
+def test_ramp_with_data_workers_gives_the_same_weights_and_batches():
+    runs = []
+    for workers in (0, 2):
+        with _ramp_trainer(num_workers=workers, prefetch_factor=2) as trainer:
+            trainer.set_batch_ramp("8,16@16,32@48")
+            trainer.train(6)
+            runs.append(
+                (trainer.sampler.consumed_samples, {k: v.clone() for k, v in trainer.module.state_dict().items()})
+            )
+    (n0, w0), (n2, w2) = runs
+    assert n0 == n2 == 8 + 8 + 16 + 16 + 32 + 32
+    assert all(torch.equal(w0[k], w2[k]) for k in w0)

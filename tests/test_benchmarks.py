@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
+NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "loader_io", "metrics_log", "hf_step")
 
 
 @pytest.mark.slow

@@ -153,3 +153,52 @@ def test_io_benchmark_runs_and_reports_both_ratios(capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["median_s"]) == {"hand", "ours", "ours-0"}
     assert result["ours_over_hand"] > 0 and result["speedup_over_num_workers_0"] > 0
+
+
+# ------------------------------------------------------------------ inside the trainer
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "stream"])
+def test_trainer_workers_live_across_train_calls_stop_with_close_and_change_nothing(streaming):
+    from trainers.example import stream_task, task
+
+    make = stream_task if streaming else task
+    finals = []
+    for workers in (0, 2):
+        before = _children()
+        trainer = ReferenceTrainer.from_task(make(), 24, num_workers=workers, log=False)
+        trainer.train(2)
+        started = _children() - before
+        trainer.train(2)  # the same worker processes serve the second call
+        assert _children() - before == started
+        assert len(started) == (0 if workers == 0 else 1 if streaming else workers)
+        finals.append({k: v.clone() for k, v in trainer.module.state_dict().items()})
+        trainer.close()
+        assert not (_children() & started)  # stopped with the trainer
+        trainer.close()  # idempotent
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_task_fields_reach_the_loader_and_bad_values_are_refused():
+    task = mlp_sum_task(56)
+    task.num_workers, task.prefetch_factor = 1, 3
+    with ReferenceTrainer.from_task(task, 16, log=False) as trainer:
+        assert (trainer.data.num_workers, trainer.data.prefetch_factor) == (1, 3)
+        assert trainer.data.pin_memory is False  # CPU: nothing to pin for
+    with pytest.raises(UserError, match="num_workers must be a whole number >= 0.*-2"):
+        ReferenceTrainer.from_task(task, 16, num_workers=-2, log=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_negative_num_workers_on_the_command_line_exits_2():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run(
+        [sys.executable, "examples/train.py", "--steps", "1", "--num-workers", "-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--num-workers: must be a whole number >= 0" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -123,13 +123,11 @@ _BAR_SCRIPT = textwrap.dedent(
     """
     import sys
     from trainers.example import mlp_sum_task
-    from trainers.metrics_log import MetricsLogger
     from trainers.reference import ReferenceTrainer
-    trainer = ReferenceTrainer.from_task(mlp_sum_task(), 16, shuffle=False)
-    logger = MetricsLogger(None, progress=sys.argv[1] == "on", tensorboard=False, rank0=True)
-    logger.on_train_start(trainer, 3)
-    trainer.train(3, callback=lambda m: logger.on_step_end(trainer, m, 0.5))
-    logger.on_train_end(trainer)
+    # the trainer's own progress= option (default True) makes its MetricsLogger draw the bar
+    options = {} if sys.argv[1] == "on" else {"progress": False}
+    with ReferenceTrainer.from_task(mlp_sum_task(), 16, shuffle=False, **options) as trainer:
+        trainer.train(3)
     print("done", flush=True)
     """
 )
@@ -140,9 +138,7 @@ def _stderr_on_a_terminal(arg):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
     env = {**os.environ, "COLUMNS": "100"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _BAR_SCRIPT, arg], stdout=subprocess.PIPE, stderr=slave, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", _BAR_SCRIPT, arg], stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks = []
     while True:
@@ -224,3 +220,60 @@ def test_report_does_not_import_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ through the trainers
+def test_log_dir_on_the_trainer_writes_each_step_and_appends_across_calls_and_resume(tmp_path):
+    import time
+
+    task = mlp_sum_task(56)
+    log = tmp_path / "log"
+    seen = []
+    with ReferenceTrainer.from_task(task, 16, log_dir=log, progress=False, track_grad_norm=True) as trainer:
+        assert trainer.metrics_logger in trainer.components
+        t0 = time.perf_counter()
+        trainer.train(2, callback=seen.append)
+        took = time.perf_counter() - t0
+        assert len(_rows(log / "metrics.csv")) == 2  # written before train() returned
+        trainer.train(1, callback=seen.append)
+        trainer.save(tmp_path / "ck")
+    with ReferenceTrainer.from_task(task, 16, log_dir=log, progress=False, track_grad_norm=True) as resumed:
+        resumed.resume(tmp_path / "ck")
+        resumed.train(2, callback=seen.append)
+    rows = _rows(log / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    for row, m in zip(rows, seen, strict=True):
+        assert float(row["loss"]) == m.loss and int(row["items"]) == m.items and float(row["count"]) == m.count
+        assert float(row["lr"]) == m.lr and float(row["grad_norm"]) == m.grad_norm
+        assert float(row["items_per_s"]) == pytest.approx(m.items / float(row["step_time_s"]))
+    assert 0 < sum(float(r["step_time_s"]) for r in rows[:2]) <= took
+
+
+def test_no_logger_without_log_dir_and_without_a_terminal():
+    with ReferenceTrainer.from_task(mlp_sum_task(56), 16, log=False) as trainer:  # pytest's stderr: no tty
+        assert trainer.metrics_logger is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_metrics_csv_of_a_two_process_run_equals_its_step_metrics(tmp_path):
+    """verify's distributed run (2 processes): rank 0's metrics.csv rows are the StepMetrics
+    the workers recorded, one per step, in order; interrupted and resumed, the rows append."""
+    import json
+
+    import torch
+
+    r = run_cli(
+        "verify", "--steps", "4", "--interrupt-at-step", "2", "--json", "--output-dir", str(tmp_path), timeout=280
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"]["metrics"] == str(tmp_path / "metrics.csv")
+    rows = _rows(tmp_path / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        record = torch.load(tmp_path / "distributed-steps" / f"step-{int(row['step']):06d}.pt", weights_only=False)
+        m = record["metrics"]
+        assert float(row["loss"]) == m["loss"] and int(row["items"]) == m["items"]
+        assert float(row["count"]) == m["count"] and float(row["lr"]) == m["lr"]
+        assert (float(row["grad_norm"]) if row["grad_norm"] else None) == m["grad_norm"]
+        assert float(row["step_time_s"]) > 0 and row["loss_mode"] == m["loss_mode"] == "sum"

@@ -137,3 +137,110 @@ def test_bad_streams_are_clear_errors():
     with pytest.raises(UserError, match="ended after 30 items"):
         stream.next_step()
     assert is_stream(CountingStream(1)) and not is_stream([1])
+
+
+# ------------------------------------------------------------------ through the trainers
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.module.state_dict().items()}
+
+
+def test_a_stream_trains_as_the_same_items_unshuffled_and_resumes_from_a_checkpoint(tmp_path):
+    """Step t of a stream is items [t*G, (t+1)*G): the map-style run without shuffling; a
+    checkpoint records the stream position and a resume continues there."""
+    from trainers.example import stream_task, task
+    from trainers.reference import ReferenceTrainer
+
+    straight = ReferenceTrainer.from_task(task(), 24, shuffle=False, log=False)
+    straight.train(3)
+    with ReferenceTrainer.from_task(stream_task(), 24, shuffle=True, log=False) as first:  # shuffle: no effect
+        assert first.sampler is None and first.data.streaming
+        first.train(2)
+        first.save(tmp_path)
+    with ReferenceTrainer.from_task(stream_task(), 24, log=False) as resumed:
+        resumed.resume(tmp_path)
+        assert resumed.data.consumed_samples == 2 * 24
+        resumed.train(1)
+        assert resumed.data.state_dict()["items_in_epoch"] == 3 * 24
+        ref, got = _weights(straight), _weights(resumed)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _bad_task_module(tmp_path):
+    (tmp_path / "bad_tasks.py").write_text(
+        "from trainers.example import SequenceStream, make_task\n"
+        "class Bag:\n"
+        "    def __iter__(self):\n"
+        "        return iter(())\n"
+        "def neither():\n"
+        "    t = make_task()\n"
+        "    t.dataset = Bag()\n"
+        "    return t\n"
+        "def short_stream():\n"
+        "    t = make_task()\n"
+        "    t.dataset = SequenceStream(t.dataset[:5])\n"
+        "    return t\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        (
+            "neither",
+            "the dataset (Bag) is neither map-style (len() and indexing) nor a torch.utils.data.IterableDataset",
+        ),
+        ("short_stream", "the stream ended after 5 items, before the first global batch of 24"),
+    ],
+)
+def test_bad_datasets_exit_2_from_the_cli_and_write_nothing(tmp_path, function, message):
+    import os
+
+    from tests.conftest import run_cli
+
+    _bad_task_module(tmp_path)
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = run_cli("verify", "--task", f"bad_tasks:{function}", "--output-dir", str(out), env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+def test_verify_on_a_stream_equals_the_reference(tmp_path, world):
+    import json
+
+    from tests.conftest import run_cli
+
+    r = run_cli(
+        "verify", "--task", "trainers.example:stream_task", "--nproc-per-node", str(world), "--steps", "3",
+        "--no-shuffle", "--json", "--output-dir", str(tmp_path), timeout=280,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] is True and report["world_sizes"] == [world]
+    assert report["max_rel_diff"] <= 1e-5 and len(report["steps"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_verify_on_a_stream_interrupted_and_resumed_at_another_world_size(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    r = run_cli(
+        "verify", "--task", "trainers.example:stream_task", "--steps", "4", "--interrupt-at-step", "2",
+        "--resume-nproc-per-node", "3", "--json", "--output-dir", str(tmp_path), timeout=380,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] is True and report["world_sizes"] == [2, 3]
+    assert report["interrupted_at_step"] == 2 and len(report["steps"]) == 4
+    # metrics.csv: the first run's rows, then the resumed run's, appended
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["step", "1", "2", "3", "4"]

@@ -3,7 +3,8 @@
 Sequences have different lengths and are padded per micro-batch, so the number of target
 tokens differs between micro-batches and ranks: the case where averaging per-micro-batch
 means goes wrong and `(loss_sum, count)` does not. `task()` is what `gradaccum verify`
-and `make demo` run. `mlp_task()` / `mlp_sum_task()` are smaller still, for tests.
+and `make demo` run; `stream_task()` reads the same sequences as a stream (IterableDataset).
+`mlp_task()` / `mlp_sum_task()` are smaller still, for tests.
 Dropout is off by default: its random masks cannot match a single-device run.
 """
 
@@ -200,6 +201,26 @@ def task_scalar_mean() -> Task:
 
 def task_with_dropout() -> Task:
     return make_task("sum", with_count=True, dropout=0.1)
+
+
+class SequenceStream(torch.utils.data.IterableDataset):
+    """The example's sequences as a stream: no len(), no indexing, read front to back (as an
+    HF `datasets` streaming dataset or shards on network storage would be)."""
+
+    def __init__(self, sequences: list[torch.Tensor]) -> None:
+        self.sequences = sequences
+
+    def __iter__(self):
+        yield from self.sequences
+
+
+def stream_task() -> Task:
+    """The example LM reading its sequences as an IterableDataset (see trainers/stream.py):
+    step t trains on stream items [t*G, (t+1)*G) at every world size."""
+    t = make_task("sum", with_count=True)
+    t.dataset = SequenceStream(t.dataset)
+    t.name = "built-in example LM, streamed (IterableDataset)"
+    return t
 
 
 # ----------------------------------------------------------------- a small MLP

@@ -1,5 +1,6 @@
-"""StepLoader: this rank's micro-batches for each optimizer step, read and collated off the
-training thread.
+"""StepLoader: this rank's micro-batches for each optimizer step, the trainers' one data
+component (Trainer.data): the GlobalBatchSampler or the stream, the dataset, the collate
+function, the device and, optionally, worker processes reading off the training thread.
 
 `next_step()` returns the next step's K `MicroBatch`es, in exactly the order the sampler
 defines, whatever `num_workers` is. With `num_workers=0` items are read and collated on the
@@ -36,29 +37,21 @@ from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.accumulate import MicroBatch
 from trainers.sampler import GlobalBatchSampler, split_evenly
+from trainers.stepdata import to_device
 from trainers.stream import StreamSteps, is_stream
-
-
-def move(batch: Any, device: torch.device | None) -> Any:
-    """Tensors of a collated batch to `device` (non-blocking: pinned memory copies asynchronously)."""
-    if device is None or device.type == "cpu":
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(move(v, device) for v in batch)
-    return batch
 
 
 def check_loader_options(num_workers: Any, prefetch_factor: Any) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise UserError(f"num_workers must be a whole number >= 0 (0: read on the training thread), got {num_workers!r}")
+        raise UserError(
+            f"num_workers must be a whole number >= 0 (0: read on the training thread), got {num_workers!r}"
+        )
     if prefetch_factor is not None and (
         isinstance(prefetch_factor, bool) or not isinstance(prefetch_factor, int) or prefetch_factor < 1
     ):
-        raise UserError(f"prefetch_factor must be a whole number >= 1 (or None for torch's default), got {prefetch_factor!r}")
+        raise UserError(
+            f"prefetch_factor must be a whole number >= 1 (or None for torch's default), got {prefetch_factor!r}"
+        )
 
 
 class _MicroBatchIndices:
@@ -195,7 +188,7 @@ class StepLoader:
                 self._last_share = ([x for m in micro for x in m], self.stream.filler)
             else:
                 pairs, self._stream_state, self._last_share = next(self._iterator())
-            return [MicroBatch(move(b, self.device), n) for b, n in pairs]
+            return [MicroBatch(to_device(b, self.device), n) for b, n in pairs]
         ahead = self._iterator() if self.num_workers else None  # started at the position before this step
         lists = self.sampler.next_step()
         if ahead is None:
@@ -203,25 +196,38 @@ class StepLoader:
             batches = [self.collate([self.dataset[i] for i in (ix or filler)]) for ix in lists]
         else:
             batches = list(itertools.islice(ahead, len(lists)))
-        return [MicroBatch(move(b, self.device), len(ix)) for b, ix in zip(batches, lists, strict=True)]
+        return [MicroBatch(to_device(b, self.device), len(ix)) for b, ix in zip(batches, lists, strict=True)]
+
+    def micro_batch(self, indices: list[int]) -> MicroBatch:
+        """Collate map-style items on this thread; an empty list gives a zero-weight filler
+        (the latest global batch's first item, see MicroBatch)."""
+        if self.streaming:
+            raise TypeError("micro_batch(indices) needs a map-style dataset; a stream has no indices")
+        items = indices or [self.sampler.last_global_batch[0]]
+        return MicroBatch(to_device(self.collate([self.dataset[i] for i in items]), self.device), len(indices))
 
     # ------------------------------------------------------------------ plan changes
     def recut(self, plan: BatchPlan) -> list[MicroBatch]:
         """The last global batch again, cut by `plan` (same global batch and data-parallel
         size, e.g. smaller micro-batches after an out-of-memory); read on this thread."""
-        if plan.global_batch_size != self.plan.global_batch_size or plan.data_parallel_size != self.plan.data_parallel_size:
+        if (
+            plan.global_batch_size != self.plan.global_batch_size
+            or plan.data_parallel_size != self.plan.data_parallel_size
+        ):
             raise ValueError("recut() keeps the global batch and the data-parallel size; use change_plan()")
+        if self.num_workers:
+            self.close()  # the workers read ahead under the old plan: restart them after this step
         self.plan = plan
         if self.streaming:
             self.stream.plan = plan
             share, filler = self._last_share
             micro = [share[a : a + n] for a, n in _offsets(split_evenly(len(share), plan.gradient_accumulation_steps))]
-            return [MicroBatch(move(self.collate(m or [filler]), self.device), len(m)) for m in micro]
-        self.sampler.plan = plan
+            return [MicroBatch(to_device(self.collate(m or [filler]), self.device), len(m)) for m in micro]
+        self.sampler.plan = self._ahead.plan = plan
         lists = self.sampler.split(self.sampler.last_global_batch)[self.dp_rank]
         filler = [self.sampler.last_global_batch[0]]
         return [
-            MicroBatch(move(self.collate([self.dataset[i] for i in (ix or filler)]), self.device), len(ix))
+            MicroBatch(to_device(self.collate([self.dataset[i] for i in (ix or filler)]), self.device), len(ix))
             for ix in lists
         ]
 

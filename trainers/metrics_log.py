@@ -96,6 +96,7 @@ class MetricsLogger:
 
     `rank0`: whether this process writes; None asks torch.distributed (or $RANK) when the
     first hook runs. `tensorboard`: None = when installed, True = required, False = off.
+    `progress_file`: draw the bar there, terminal or not (default: stderr, only a terminal).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class MetricsLogger:
         progress: bool = True,
         tensorboard: bool | None = None,
         rank0: bool | None = None,
+        progress_file: Any = None,
     ) -> None:
         if tensorboard and not tensorboard_available():
             raise UserError("tensorboard=True but tensorboard is not installed: pip install 'gradaccum[tensorboard]'")
@@ -116,6 +118,7 @@ class MetricsLogger:
         self._writer: csv.DictWriter | None = None
         self._tb: Any = None
         self._bar: Any = None
+        self._progress_file = progress_file
 
     @property
     def csv_path(self) -> Path | None:
@@ -155,11 +158,15 @@ class MetricsLogger:
 
     def _open_bar(self, steps: int, done: int) -> None:
         self._close_bar()
-        if not self.progress or not sys.stderr.isatty():
+        out = self._progress_file
+        if not self.progress or (out is None and not sys.stderr.isatty()):
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        # redrawn at most twice a second: drawing it after every short step costs about 1% of the step
+        self._bar = tqdm(
+            total=steps, desc="train", unit="step", file=out or sys.stderr, dynamic_ncols=True, mininterval=0.5
+        )
         self._bar.set_postfix_str(f"from step {done + 1}")
 
     def _close_bar(self) -> None:
@@ -195,14 +202,21 @@ class MetricsLogger:
             self._writer.writerow({k: _cell(v) for k, v in row.items()})
             self._file.flush()
         if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "step_time_s"):
-                if row[key] is not None:
-                    self._tb.add_scalar(f"train/{key}", row[key], row["step"])
+            self._tb_scalars(row)
         if self._bar is not None:
             rate = f"  {row['items_per_s']:.1f} items/s" if row["items_per_s"] is not None else ""
             self._bar.set_postfix_str(f"step {row['step']}  loss {row['loss']:.4f}{rate}", refresh=False)
             self._bar.update(1)
         return row
+
+    def _tb_scalars(self, row: dict[str, Any]) -> None:
+        """The row's scalars as ONE event: a Summary per add_scalar() costs about four times
+        as much per step (see docs/performance.md, metrics_log)."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        keys = ("loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "step_time_s")
+        values = [Summary.Value(tag=f"train/{k}", simple_value=row[k]) for k in keys if row[k] is not None]
+        self._tb._get_file_writer().add_summary(Summary(value=values), row["step"])
 
     def close(self) -> None:
         self._close_bar()

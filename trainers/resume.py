@@ -192,8 +192,8 @@ class Checkpointing:
             raise UserError("no checkpoint directory: pass save(root) or checkpoint_dir= to the trainer")
         rank, world = _group()
         meta: dict[str, Any] = {"backend": type(trainer).__name__}
-        if trainer.sampler is not None:
-            meta["samples_consumed"] = trainer.sampler.consumed_samples
+        if trainer.data is not None:
+            meta["samples_consumed"] = trainer.data.consumed_samples
         if trainer.optimizer is not None:
             meta["lr"] = trainer.optimizer.param_groups[0].get("lr")
         path = save_checkpoint(
@@ -251,8 +251,8 @@ class Checkpointing:
                     lr_scaling,
                 )
             )
-            if trainer.sampler is not None:
-                notes.append(f"the data continues at item {trainer.sampler.consumed_samples} of the sample stream")
+            if trainer.data is not None:
+                notes.append(f"the data continues at item {trainer.data.consumed_samples} of the sample stream")
         trainer.log("\n  ".join(notes))
         return path
 

@@ -36,8 +36,20 @@ if TYPE_CHECKING:
     from trainers.task import Task
 
 
+def _workers(text: str) -> int:
+    """--num-workers: a whole number >= 0, refused by argparse (exit 2) before any start-up."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: read on the training thread), got {text!r}")
+    return n
+
+
 def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None = 10) -> None:
-    """The flags every worker script shares: task, plan, steps, precision, backend, checkpoints."""
+    """The flags every worker script shares: task, plan, steps, precision, backend, data
+    workers, metrics log, checkpoints."""
     parser.add_argument("--task", default="trainers.example:task", metavar="MODULE:FUNCTION")
     parser.add_argument("--global-batch-size", type=int, metavar="G")
     parser.add_argument("--micro-batch-size", type=int, metavar="M")
@@ -70,6 +82,20 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
         metavar="FILE",
         default=os.environ.get("GRADACCUM_DEEPSPEED_CONFIG"),
         help="deepspeed: your DeepSpeed JSON, merged under the plan (default $GRADACCUM_DEEPSPEED_CONFIG)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="rank 0 writes metrics.csv (one row per optimizer step; TensorBoard events when installed) here",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=_workers,
+        metavar="N",
+        help="processes reading and collating the next step off the training thread (default: the task's, 0)",
     )
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -143,6 +169,9 @@ def start(args: argparse.Namespace, task: Task | None = None, trainer_class: typ
         precision=args.precision,
         collective_timeout=timeout,
         shuffle=not args.no_shuffle,
+        log_dir=args.log_dir,
+        progress=not args.no_progress,
+        **({} if args.num_workers is None else {"num_workers": args.num_workers}),
         count_collectives=True,  # the gradient all-reduce rounds per step are reported
         **checkpoint_kwargs,
         **extra,
@@ -180,6 +209,7 @@ def run_worker(
             from trainers.distributed import check_replicas as compare_replicas
 
             compare_replicas(session.trainer.module.parameters())
+        session.trainer.close()  # data workers stopped, metrics.csv closed
         session.trainer = None  # DDP's reducer holds the process group: let it go before the group does
         del session
         shutdown(barrier=True)  # no rank tears down its connections while another still writes
@@ -206,4 +236,3 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-

@@ -28,7 +28,8 @@ class Task:
     """
 
     model: Callable[[], Any]
-    dataset: Sequence[Any]
+    #: map-style (len() and indexing) or a torch.utils.data.IterableDataset (a stream)
+    dataset: Sequence[Any] | Any
     loss: Callable[[Any, Any], Any]
     optimizer: Callable[[Iterable[Any]], Any]
     collate: Callable[[list], Any] | None = None
@@ -41,6 +42,12 @@ class Task:
     #: seeds torch before `model()` and the sampler's shuffling
     seed: int = 0
     name: str = ""
+    #: worker processes reading and collating the next step off the training thread (0: none)
+    num_workers: int = 0
+    #: micro-batches (streams: steps) each worker reads ahead (None: torch's default)
+    prefetch_factor: int | None = None
+    #: page-locked host batches for asynchronous copies (CUDA only; ignored on CPU)
+    pin_memory: bool = True
 
 
 def load_task(spec: str) -> Task:

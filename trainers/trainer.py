@@ -2,17 +2,21 @@
 
     Trainer
       strategy      how to wrap, no-sync, backward, reduce, step, save (trainers/strategies/)
-      data          this rank's micro-batches per step (StepData: sampler, dataset, collate)
+      data          this rank's micro-batches per step (loader.StepLoader: sampler or stream,
+                    dataset, collate, worker processes)
       checkpoints   save / resume / periodic / stop on a signal (trainers/resume.py)
       plan_changes  OOM fallback, batch ramp, LR rule (trainers/batching.py)
       hang          the hang watchdog's position (components.HangWatch)
-      components    observers: on_train_start / on_step_end / on_train_end (components.py)
+      components    observers: on_train_start / on_step_end / on_train_end (components.py),
+                    with a metrics_log.MetricsLogger on rank 0 when log_dir/progress ask for one
 
 The trainer owns the loop (a global batch, this rank's K micro-batches, the accumulation
 step of accumulate.py, the metrics) and its own state, {"step": global_step}; each
 component owns its state. The accumulation step's seams (AccumulationHooks) are wired once
 from the strategy and components, and rewired only when a switch changes (OOM fallback).
 DDPTrainer, DeepSpeedTrainer and ReferenceTrainer are thin front doors that pick a strategy.
+The data loader's worker processes and the metrics file live as long as the trainer: close()
+(or `with trainer:`) stops and closes them.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from trainers.accumulate import (
 from trainers.batching import PlanChanges, agree_any
 from trainers.components import HangWatch, StepLog, observers
 from trainers.distributed import Watchdog, check_same_work, log_rank0
+from trainers.loader import StepLoader, check_loader_options
+from trainers.metrics_log import MetricsLogger
 from trainers.precision import MixedPrecision, resolve_precision
 from trainers.resume import Checkpointing, describe_change, rescale_learning_rate
 from trainers.sampler import GlobalBatchSampler
-from trainers.stepdata import StepData, batch_items, to_device
+from trainers.stepdata import batch_items, to_device
 from trainers.strategies.base import Strategy
 
 
@@ -52,15 +58,20 @@ from trainers.strategies.base import Strategy
 class CommonOptions:
     """The keyword arguments every trainer takes (the front doors add their backend's own).
 
-    dataset/count/collate: the data (count: items or tokens a loss sums over, see Task);
+    dataset/count/collate: the data, map-style or a torch IterableDataset (count: items or
+    tokens a loss sums over, see Task); num_workers/prefetch_factor/pin_memory: worker
+    processes reading and collating the next step while this one computes (0: on the
+    training thread; pin_memory only on CUDA), see trainers/loader.py;
     scheduler: an LR scheduler (DeepSpeed also takes a factory); clip_grad_norm;
     track_grad_norm: StepMetrics.grad_norm even without clipping (a pass over every
     gradient); seed/shuffle/drop_last: the GlobalBatchSampler's; precision: fp32, bf16,
     fp16 (default: the plan's); log_every: a log line every N steps; checkpoint_dir,
-    checkpoint_every, keep_last: checkpoints; components: observers (components.py).
+    checkpoint_every, keep_last: checkpoints; components: observers (components.py);
+    log_dir: rank 0 writes metrics.csv (and TensorBoard events when installed) there;
+    progress: a progress bar on rank 0 when stderr is a terminal (trainers/metrics_log.py).
     """
 
-    dataset: Sequence[Any] | None = None
+    dataset: Sequence[Any] | Any | None = None
     count: Callable[[Any], Any] | None = None
     collate: Callable[[list], Any] | None = None
     scheduler: Any = None
@@ -75,6 +86,11 @@ class CommonOptions:
     checkpoint_every: int = 0
     keep_last: int | None = None
     components: Sequence[Any] = ()
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    pin_memory: bool = True
+    log_dir: str | os.PathLike[str] | None = None
+    progress: bool = True
 
 
 def build_from_task(
@@ -94,8 +110,22 @@ def build_from_task(
         collate=task.collate,
         clip_grad_norm=task.clip_grad_norm,
         seed=task.seed,
+        num_workers=task.num_workers,
+        prefetch_factor=task.prefetch_factor,
+        pin_memory=task.pin_memory,
     )
     return model, optimizer, fields
+
+
+def _metrics_logger(log_dir: str | os.PathLike[str] | None, progress: bool) -> MetricsLogger | None:
+    """The MetricsLogger for log_dir/progress, or None when neither has anything to do here
+    (no directory, and no bar: off, or stderr is not a terminal). It writes on rank 0 only."""
+    import sys
+
+    bar = bool(progress) and sys.stderr.isatty()
+    if log_dir is None and not bar:
+        return None
+    return MetricsLogger(log_dir, progress=bar)
 
 
 class LossNormalisationWarning(UserWarning):
@@ -123,6 +153,7 @@ class Trainer:
         *,
         log: bool = True,
     ) -> None:
+        check_loader_options(options.num_workers, options.prefetch_factor)
         precision = resolve_precision(plan.precision, options.precision)
         # the plan records the precision: checkpoints and the cross-rank check carry it
         plan = plan if plan.precision == precision else dataclasses.replace(plan, precision=precision)
@@ -137,12 +168,15 @@ class Trainer:
         self.global_step = 0
         self.skipped_steps: list[int] = []  # fp16 overflow: steps whose update was skipped (batch consumed)
         self.data = (
-            StepData(
+            StepLoader(
                 options.dataset,
                 self.plan,
                 strategy.dp_rank,
-                strategy.device,
                 collate=options.collate,
+                device=strategy.device,
+                num_workers=options.num_workers,
+                prefetch_factor=options.prefetch_factor,
+                pin_memory=options.pin_memory,
                 seed=options.seed,
                 shuffle=options.shuffle,
                 drop_last=options.drop_last,
@@ -154,8 +188,11 @@ class Trainer:
         self.plan_changes = PlanChanges()
         # names the rank(s) the others wait for and exits, instead of hanging (None: one process)
         self.hang = HangWatch(Watchdog.for_process_group(strategy.collective_timeout))
-        self.components: list[Any] = ([StepLog(options.log_every)] if options.log_every else []) + list(
-            options.components
+        self.metrics_logger = _metrics_logger(options.log_dir, options.progress)
+        self.components: list[Any] = (
+            ([StepLog(options.log_every)] if options.log_every else [])
+            + ([self.metrics_logger] if self.metrics_logger is not None else [])
+            + list(options.components)
         )
         self._warned_unequal = False
         self._preflight_done = False
@@ -206,7 +243,8 @@ class Trainer:
 
     @property
     def sampler(self) -> GlobalBatchSampler | None:
-        return self.data.sampler if self.data is not None else None
+        """The map-style dataset's sampler (None for a stream or without a dataset)."""
+        return self.data.sampler if self.data is not None and not self.data.streaming else None
 
     # ------------------------------------------------ what the components hold
     @property
@@ -331,13 +369,15 @@ class Trainer:
 
     def work_summary(self, steps: int | None) -> dict[str, Any]:
         """What this rank is about to do; every rank must say the same (see preflight)."""
-        sampler = self.sampler.state_dict() if self.sampler is not None else {}
+        position = self.data.state_dict() if self.data is not None else {}
+        skip = ("dataset_len", "global_batch_size", "dataset_state")  # dataset_state: the stream's own, may be big
+        streaming = self.data is not None and self.data.streaming
         return {
             "plan": self.plan.to_dict(),
-            "dataset_length": len(self.dataset) if self.dataset is not None else None,
+            "dataset_length": len(self.dataset) if self.dataset is not None and not streaming else None,
             "steps": steps,
             "start_step": self.global_step,
-            "sampler": {k: v for k, v in sampler.items() if k not in ("dataset_len", "global_batch_size")},
+            "sampler": {k: v for k, v in position.items() if k not in skip},
         }
 
     def preflight(self, steps: int | None = None) -> None:
@@ -404,10 +444,21 @@ class Trainer:
         log_rank0(message)
 
     def close(self) -> None:
-        """Stop the watchdog, undo what the strategy installed; the process group stays
-        (trainers.distributed.shutdown)."""
+        """Stop the data workers and the watchdog, close the metrics file, undo what the
+        strategy installed; the process group stays (trainers.distributed.shutdown).
+        Idempotent; `with trainer:` calls it on the way out."""
+        if self.data is not None:
+            self.data.close()
+        if self.metrics_logger is not None:
+            self.metrics_logger.close()
         self.strategy.close()
         self.hang.stop()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # --------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -516,7 +567,8 @@ class Trainer:
         scheduler = task.scheduler
         if scheduler is not None and not cls._scheduler_factory:
             scheduler = scheduler(optimizer)
-        return cls(model, optimizer, plan, task.loss, scheduler=scheduler, **fields, **kwargs)
+        # the caller's keyword arguments win over the task's fields (e.g. --num-workers)
+        return cls(model, optimizer, plan, task.loss, scheduler=scheduler, **{**fields, **kwargs})
 
     #: DeepSpeed takes the task's scheduler factory; the others build the scheduler here
     _scheduler_factory = False

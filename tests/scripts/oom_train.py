@@ -3,6 +3,7 @@
 The OOM is simulated by the task's loss (a test hook raising torch.OutOfMemoryError at a
 chosen micro-batch size, on one rank only), so the fallback's cross-rank agreement is
 exercised: rank 0 never fails, yet must re-cut the same global batch with rank 1.
+argv: OUT STEPS [NUM_WORKERS] (data worker processes, default 0).
 """
 
 import json
@@ -31,8 +32,9 @@ def oom_task(limit: int):
 
 def main() -> None:
     out, steps = sys.argv[1], int(sys.argv[2])
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     plan = BatchPlan.solve(16, 8, world_size=2)
-    trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False, count_collectives=True)
+    trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False, count_collectives=True, num_workers=workers)
     trainer.enable_oom_fallback()
     history = list(trainer.iter_steps(steps))
     if dist.get_rank() == 0:
@@ -45,6 +47,7 @@ def main() -> None:
         }
         with open(out + ".json", "w") as f:
             json.dump(summary, f)
+    trainer.close()  # the data workers stop with the trainer
     dist.barrier()
     dist.destroy_process_group()
 

@@ -8,6 +8,8 @@ Layout of the output directory:
     DIR/distributed-steps/step-00000S.pt   rank 0: after step S, with its metrics
     DIR/distributed-steps/held.json    --hold-after-step: every rank waits to be killed
     DIR/checkpoints/                   --interrupt-at-step: the run's checkpoints
+    DIR/metrics.csv                    rank 0: one row per optimizer step of the distributed run
+                                       (appended by a resumed run; trainers/metrics_log.py)
 
 Every file is written under a temporary name and renamed (save_atomic, write_json_atomic). The worker's command line is
 `WorkerArgs`: the parent builds argv with `to_argv()`, the worker parses it with
@@ -72,6 +74,8 @@ class WorkerArgs:
     checkpoint_every: int = 0
     keep_last: int | None = None
     resume: str | None = None
+    log_dir: str | None = None
+    no_progress: bool = False
     #: every rank waits after this step's checkpoint until verify SIGKILLs the run
     hold_after_step: int | None = None
 

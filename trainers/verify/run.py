@@ -24,6 +24,7 @@ from launcher.atomic import write_json_atomic
 from launcher.errors import UserError
 from launcher.plan import PLAN_ENV_VAR, BatchPlan
 from launcher.verify_options import CheckedOptions, VerifyOptions, check
+from trainers.metrics_log import CSV_NAME
 from trainers.reference import ReferenceTrainer
 from trainers.startup import save_atomic
 from trainers.task import Task, load_task
@@ -49,6 +50,7 @@ def run_reference(task: Task, plan: BatchPlan, steps: int, shuffle: bool, log: C
         log(f"reference:   step {m.step}/{steps}  loss {m.loss:.6f}")
 
     trainer.train(steps, callback=record)
+    trainer.close()  # data workers, if the task asked for them; the model stays usable
     return trainer, initial, states, metrics
 
 
@@ -64,6 +66,8 @@ def worker_args(opts: VerifyOptions, out: Path, **extra: Any) -> WorkerArgs:
         backend=opts.backend,
         zero_stage=opts.zero_stage,
         deepspeed_config=str(Path(opts.deepspeed_config).resolve()) if opts.deepspeed_config else None,
+        log_dir=str(out.resolve()),  # metrics.csv of the distributed run, beside the report
+        no_progress=True,  # verify prints its own progress lines
         **extra,
     )
 
@@ -85,6 +89,9 @@ def run_distributed(
     if fresh:
         if steps_dir.exists():
             shutil.rmtree(steps_dir)  # stale steps of an earlier run must not be compared
+        (out / CSV_NAME).unlink(missing_ok=True)  # nor its metrics rows appended to
+        for old in out.glob("events.out.tfevents.*"):  # nor its TensorBoard curves shown
+            old.unlink()
         steps_dir.mkdir(parents=True)
     plan_file = plan_path(out, plan.world_size, resumed=not fresh)
     write_json_atomic(plan_file, plan.to_dict())
@@ -208,6 +215,8 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
     files = {"initial": "initial.pt", "reference": "reference.pt", "report": "report.json", "plan": "plan.json"}
     if records:
         files["distributed"] = "distributed.pt"
+    if (out / CSV_NAME).exists():
+        files["metrics"] = CSV_NAME
     if steps:
         try:
             plot_losses(report.to_dict(), out / "loss-curve.png")
