@@ -9,8 +9,9 @@
     torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 \\
         --steps 20 --checkpoint-dir ckpt --checkpoint-every 5 --resume auto   # restartable, any world size
 
-The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it, else from the
-flags with the live world size. Rank 0 prints one line per optimizer step and, with
+The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it (a batch flag that
+disagrees with it is an error naming both values), else from the flags with the live world
+size. Rank 0 prints one line per optimizer step and, with
 --output FILE, saves the final model state_dict (the task model's own keys). --steps is the
 total: a resumed run trains the steps left. SIGUSR1 or SIGTERM on any rank: every rank stops
 after the same step, writes a checkpoint (with --checkpoint-dir) and exits 0.
