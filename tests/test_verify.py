@@ -121,6 +121,54 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, messa
     assert not (out / "report.json").exists()
 
 
+# --------------------------------------- task functions that do not keep the contract
+def task_that_exits():
+    raise SystemExit(0)
+
+
+def task_that_raises():
+    raise ValueError("no data in /nowhere")
+
+
+def task_that_returns_none():
+    return None
+
+
+def task_whose_loss_returns_a_string():
+    from trainers.example import mlp_sum_task
+
+    task = mlp_sum_task()
+
+    def string_loss(model, batch):
+        return "oops"
+
+    task.loss = string_loss
+    return task
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("task_that_exits", "the task function tests.test_verify:task_that_exits() called sys.exit(0) (at "),
+        ("task_that_raises", "tests.test_verify:task_that_raises() raised ValueError: no data in /nowhere (at "),
+        ("task_that_returns_none", "tests.test_verify:task_that_returns_none() returned None (NoneType)"),
+        (
+            "task_whose_loss_returns_a_string",
+            "the loss of task tests.test_verify:task_whose_loss_returns_a_string "
+            "(task_whose_loss_returns_a_string.<locals>.string_loss) returned 'oops' (str)",
+        ),
+    ],
+)
+def test_a_task_that_breaks_the_contract_exits_2_naming_the_function_and_what_it_did(tmp_path, function, message):
+    out = tmp_path / "out"
+    result = run_cli("verify", "--task", f"tests.test_verify:{function}", "--steps", "1", "--output-dir", str(out))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "report.json").exists()
+
+
 def test_worker_flags_are_built_and_parsed_from_one_definition(monkeypatch):
     """The parent's argv for the worker parses back to the same WorkerArgs (trainers/verify/protocol.py)."""
     from trainers.verify.protocol import WorkerArgs, worker_parser
