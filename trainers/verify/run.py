@@ -28,7 +28,7 @@ from trainers.reference import ReferenceTrainer
 from trainers.startup import save_atomic
 from trainers.task import Task, load_task
 from trainers.verify.compare import compare_states, diagnose
-from trainers.verify.protocol import STEPS_DIR, WorkerArgs, load_steps, plan_path
+from trainers.verify.protocol import STEPS_DIR, WorkerArgs, clear_previous_run, load_steps, plan_path
 from trainers.verify.report import Interruption, StepReport, VerifyReport, plot_losses
 
 
@@ -138,6 +138,7 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
     out = Path(opts.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        clear_previous_run(out)  # a run owns its files: never mix them with an earlier run's
     except OSError as e:
         raise UserError(f"cannot create --output-dir {out}: {e.strerror}") from None
     log(
@@ -203,10 +204,9 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
         problems.append(f"the distributed run wrote {len(steps)} of {opts.steps} steps")
     report.diagnostics = problems + (diagnose(model, report.to_dict(), final_cmp) if not report.passed else [])
 
-    if records:
-        save_atomic(records[-1]["model"], out / "distributed.pt")
     files = {"initial": "initial.pt", "reference": "reference.pt", "report": "report.json", "plan": "plan.json"}
-    if records:
+    if len(records) > 1:  # the state after the last step the run took; never its initial weights
+        save_atomic(records[-1]["model"], out / "distributed.pt")
         files["distributed"] = "distributed.pt"
     if steps:
         try:
