@@ -89,7 +89,7 @@ class Ours(Contender):
 
     def train_steps(self, n: int) -> None:
         if n:
-            self.last_metrics = self.trainer.train(n)[-1]
+            self.last_metrics = self.trainer.train(n)
             self.steps_done += n
 
 

@@ -48,7 +48,7 @@ def test_oom_on_one_rank_halves_micro_batch_and_weights_equal_the_reference(tmp_
     reference = ReferenceTrainer.from_task(
         make_task("sum", with_count=True), BatchPlan.solve(16, world_size=1), shuffle=False
     )
-    ref_losses = [m.loss for m in reference.train(steps)]
+    ref_losses = [m.loss for m in reference.iter_steps(steps)]
     cmp = compare_states(reference.module.state_dict(), torch.load(tmp_path / "run.pt", weights_only=True))
     assert cmp["max_rel_diff"] <= 1e-5, cmp
     assert summary["losses"] == pytest.approx(ref_losses, rel=1e-5)

@@ -69,7 +69,7 @@ def test_bf16_autocasts_the_forward_and_keeps_fp32_gradients(world_of_one):
     trainer.optimizer.register_step_pre_hook(
         lambda opt, *_: grads.extend(p.grad.dtype for p in trainer.module.parameters())
     )
-    (metrics,) = trainer.train(1)
+    metrics = trainer.train(1)
     assert seen and set(seen) == {torch.bfloat16}
     assert set(grads) == {torch.float32}  # fp32 parameters: autograd accumulates fp32 gradients
     assert metrics.allreduce_rounds == 1 and metrics.loss > 3
@@ -123,9 +123,9 @@ def test_trainer_with_bf16_parameters_accumulates_in_fp32(world_of_one):
 # ------------------------------------------------------------------------ fp16 paths
 def test_fp16_unscales_once_before_clipping(world_of_one):
     plan = BatchPlan.solve(16, 4, world_size=1)
-    ref = ReferenceTrainer.from_task(mlp_task(), plan, track_grad_norm=True).train(3)
+    ref = list(ReferenceTrainer.from_task(mlp_task(), plan, track_grad_norm=True).iter_steps(3))
     fp16 = DDPTrainer.from_task(mlp_task(), plan, log=False, precision="fp16", track_grad_norm=True)
-    history = fp16.train(3)
+    history = list(fp16.iter_steps(3))
     assert fp16.amp.scaler.get_scale() == 65536.0  # no overflow, no growth yet
     for a, b in zip(ref, history, strict=True):
         # a norm measured before unscaling would be 65536 times larger
@@ -148,7 +148,7 @@ def test_fp16_overflow_skips_the_update_and_keeps_the_books(world_of_one, capsys
     second = trainer.train(1)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.module.parameters(), strict=True))
     third = trainer.train(1)
-    metrics = first + second + third
+    metrics = [first, second, third]
     assert [m.skipped for m in metrics] == [False, True, False]
     assert trainer.skipped_steps == [2] and trainer.amp.skipped_steps == 1
     assert trainer.global_step == 3 and trainer.sampler.step_in_epoch == 3  # the batch is consumed

@@ -207,7 +207,7 @@ def test_signal_stops_after_the_current_step_with_a_checkpoint(tmp_path, capsys)
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         install_stop_handlers(trainer)
-        history = trainer.train(10)
+        history = list(trainer.iter_steps(10))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -40,7 +40,7 @@ def train_pair(task_factory, steps: int, plan: BatchPlan, **kwargs):
     ref = ReferenceTrainer.from_task(task_factory(), plan, **kwargs)
     ref.train(steps)
     ddp = DDPTrainer.from_task(task_factory(), plan, log=False, count_collectives=True, **kwargs)
-    history = ddp.train(steps)
+    history = list(ddp.iter_steps(steps))
     return ref, ddp, history
 
 
@@ -65,7 +65,7 @@ def test_scalar_mean_loss_differs_and_warns_once(world_of_one):
 def test_reported_loss_is_the_global_mean_not_divided_by_k(world_of_one):
     plan = BatchPlan.solve(16, 4, world_size=1)  # accumulation 4, equal micro-batches: mean loss exact
     ref, ddp, history = train_pair(mlp_task, 3, plan, track_grad_norm=True)
-    ref_history = ReferenceTrainer.from_task(mlp_task(), plan, track_grad_norm=True).train(3)
+    ref_history = ReferenceTrainer.from_task(mlp_task(), plan, track_grad_norm=True).iter_steps(3)
     for a, b in zip(ref_history, history, strict=True):
         assert b.loss == pytest.approx(a.loss, rel=1e-6)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
@@ -229,9 +229,9 @@ def test_ddp_trainer_counts_rounds_only_when_asked(world_of_one):
     plan = BatchPlan.solve(8, 2, world_size=1)
     plain = DDPTrainer.from_task(mlp_task(), plan, log=False)
     assert plain.rounds is None and plain.model.logger is not None
-    assert all(m.allreduce_rounds is None for m in plain.train(2))
+    assert all(m.allreduce_rounds is None for m in plain.iter_steps(2))
     counted = DDPTrainer.from_task(mlp_task(), plan, log=False, count_collectives=True)
-    assert [m.allreduce_rounds for m in counted.train(2)] == [1, 1]
+    assert [m.allreduce_rounds for m in counted.iter_steps(2)] == [1, 1]
     assert compare_states(plain.module.state_dict(), counted.module.state_dict())["max_abs_diff"] == 0
 
 
@@ -239,10 +239,10 @@ def test_gradient_norm_is_measured_when_clipping_or_asked(world_of_one):
     """No clipping: no pass over the gradients unless track_grad_norm (grad_norm None).
     Clipping measures it anyway; asking for it gives the same number the clipping would."""
     plan = BatchPlan.solve(8, 2, world_size=1)
-    assert all(m.grad_norm is None for m in DDPTrainer.from_task(mlp_task(), plan, log=False).train(2))
-    asked = DDPTrainer.from_task(mlp_task(), plan, log=False, track_grad_norm=True).train(2)
+    assert all(m.grad_norm is None for m in DDPTrainer.from_task(mlp_task(), plan, log=False).iter_steps(2))
+    asked = list(DDPTrainer.from_task(mlp_task(), plan, log=False, track_grad_norm=True).iter_steps(2))
     clipping = mlp_task()
     clipping.clip_grad_norm = 1e6  # never binds: the same updates, the norm measured by the clip
-    clipped = DDPTrainer.from_task(clipping, plan, log=False).train(2)
+    clipped = DDPTrainer.from_task(clipping, plan, log=False).iter_steps(2)
     assert all(m.grad_norm > 0 for m in asked)
     assert [m.grad_norm for m in clipped] == pytest.approx([m.grad_norm for m in asked], rel=1e-6)

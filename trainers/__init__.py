@@ -14,14 +14,17 @@ from trainers.ddp import DDPTrainer
 from trainers.reference import ReferenceTrainer
 from trainers.sampler import GlobalBatchSampler
 from trainers.task import Task, load_task
+from trainers.trainer import CommonOptions, Trainer
 
 __all__ = [
+    "CommonOptions",
     "DDPTrainer",
     "DeepSpeedTrainer",
     "GlobalBatchSampler",
     "ReferenceTrainer",
     "StepMetrics",
     "Task",
+    "Trainer",
     "load_task",
 ]
 

@@ -1,7 +1,8 @@
 """The accumulation step: K micro-steps, gradient sync only on the last, one optimizer step.
 
-`accumulation_step` owns the micro-step loop for every trainer. Trainers differ only in the
-hooks they pass (`AccumulationHooks`): how to enter "don't sync" (DDP: `model.no_sync()`),
+`accumulation_step` owns the micro-step loop for every trainer. Backends differ only in the
+hooks passed (`AccumulationHooks`, wired once by the Trainer core from its Strategy, see
+trainers/strategies/): how to enter "don't sync" (DDP: `model.no_sync()`),
 how to backward (plain `loss.backward()`, DeepSpeed's `engine.backward`, a GradScaler's
 scaled backward), how to scale gradients, how to step, and how to sum a small tensor over
 the data-parallel ranks (identity for the single-device reference).
@@ -111,7 +112,7 @@ def _no_progress(micro_step: int | None, phase: str) -> None:
 
 @dataclasses.dataclass
 class AccumulationHooks:
-    """The seams between the shared micro-step loop and one trainer.
+    """The seams between the shared micro-step loop and one trainer (built once, see Trainer._wire).
 
     step:            clip, optimizer step, scheduler step, zero_grad; returns the grad norm or None
     no_sync:         context entered around forward AND backward of non-boundary micro-steps
@@ -177,7 +178,7 @@ def optimizer_stepper(
 
     Returns the gradient norm as a tensor (reading it is the caller's choice: a GPU sync)
     when clipping measured it anyway or `track_grad_norm` asks for it; otherwise None: a
-    pass over every gradient costs 1-2% of a step of a 5M-parameter MLP on CPU."""
+    pass over every gradient is not free (docs/performance.md)."""
     params = [p for p in parameters if p.requires_grad]
 
     def step() -> torch.Tensor | None:

@@ -6,15 +6,18 @@ equal a run that never ran out of memory. A batch ramp changes the global batch 
 scheduled sample counts (launcher.ramp.BatchRamp) and rescales the learning rate by the
 trainer's rule (launcher.lr), as an elastic resume with a new global batch does.
 
-The trainers' public face is BaseTrainer.enable_oom_fallback / set_batch_ramp / set_plan.
+`PlanChanges` is the component that decides: it owns the OOM fallback switch and its
+events, the batch ramp and the LR rule, and answers "which plan next"; the Trainer applies
+the answer (trainer.plan, its StepData, the learning rate). The trainers' public face is
+Trainer.enable_oom_fallback / set_batch_ramp / set_plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from launcher.errors import UserError
 from launcher.lr import LRRule
@@ -22,7 +25,7 @@ from launcher.plan import BatchPlan, _divisors
 from launcher.ramp import BatchRamp
 
 if TYPE_CHECKING:
-    from trainers.base import BaseTrainer
+    from trainers.strategies.base import Strategy
 
 
 def smaller_plan(plan: BatchPlan) -> BatchPlan:
@@ -44,8 +47,8 @@ def smaller_plan(plan: BatchPlan) -> BatchPlan:
     )
 
 
-def agree_any(all_reduce_sum: Any, device: torch.device) -> Any:
-    """flag -> did any rank raise it (one tiny all-reduce through the trainer's hook)."""
+def agree_any(all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable[[bool], bool]:
+    """flag -> did any rank raise it (one tiny all-reduce through the strategy's sum)."""
 
     def agree(flag: bool) -> bool:
         return float(all_reduce_sum(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device))[0]) > 0
@@ -53,108 +56,75 @@ def agree_any(all_reduce_sum: Any, device: torch.device) -> Any:
     return agree
 
 
-def all_reduce_gradient_mean(trainer: BaseTrainer) -> None:
-    """Average the accumulated gradients over data-parallel ranks in one flat all-reduce."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in trainer.module.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(reduced)
-    trainer._count_gradient_round()
+class PlanChanges:
+    """OOM fallback, batch ramp and LR rule: what may change the plan between steps."""
 
+    def __init__(self) -> None:
+        self.oom_fallback = False
+        self.oom_events: list[tuple[int, int, int]] = []  # (step, old micro, new micro)
+        self.batch_ramp: BatchRamp | None = None
+        self.lr_scaling: str | LRRule = "linear"  # rule for a new global batch: ramp stages, resumes
 
-def enable_oom_fallback(trainer: BaseTrainer) -> None:
-    if not trainer._supports_plan_change:
-        raise UserError(
-            f"{type(trainer).__name__} cannot change its micro-batch during training (the engine fixes "
-            "the accumulation steps); plan the micro-batch with `gradaccum plan --micro-batch-size auto`"
-        )
-    if trainer.amp is not None and getattr(trainer.amp, "accumulator", None) is not None:
-        raise UserError("the OOM fallback does not combine with bf16/fp16 parameters (fp32 accumulator); use autocast")
-    trainer.oom_fallback = True
-
-
-def shrink_after_oom(trainer: BaseTrainer) -> None:
-    """Every rank: drop this step's partial gradients and re-cut the global batch smaller."""
-    if trainer.optimizer is not None:
-        trainer.optimizer.zero_grad(set_to_none=True)
-    old = trainer.plan
-    new = smaller_plan(old)
-    trainer.plan = new
-    if trainer.sampler is not None:
-        trainer.sampler.plan = new  # same global batch: the position does not move
-    trainer.oom_events.append((trainer.global_step + 1, old.micro_batch_size, new.micro_batch_size))
-    trainer.log(
-        f"gradaccum: out of memory in step {trainer.global_step + 1} at micro-batch {old.micro_batch_size}: "
-        f"micro {old.micro_batch_size} -> {new.micro_batch_size}, accumulation "
-        f"{old.gradient_accumulation_steps} -> {new.gradient_accumulation_steps} "
-        f"(global batch {new.global_batch_size} unchanged); retrying the step"
-    )
-
-
-def set_plan(trainer: BaseTrainer, plan: BatchPlan, lr_scaling: str | LRRule | None = None) -> None:
-    """Switch to `plan` before the next optimizer step (same world size)."""
-    from trainers.resume import describe_change, rescale_learning_rate
-
-    old = trainer.plan
-    if plan == old:
-        return
-    if not trainer._supports_plan_change:
-        raise UserError(f"{type(trainer).__name__} cannot change its batch plan during training")
-    if (plan.world_size, plan.model_parallel_size) != (old.world_size, old.model_parallel_size):
-        raise UserError(
-            f"set_plan keeps the world size ({old.world_size}); got a plan for {plan.world_size}: "
-            "a new world size is a resume (trainer.resume at the new size)"
-        )
-    if plan.precision != old.precision:
-        plan = BatchPlan.solve(
-            plan.global_batch_size, plan.micro_batch_size, world_size=plan.world_size,
-            model_parallel_size=plan.model_parallel_size, precision=old.precision,
-        )  # fmt: skip
-    trainer.plan = plan
-    notes = [f"gradaccum: plan change before step {trainer.global_step + 1}: {describe_change(old, plan)}"]
-    if trainer.sampler is not None:
-        state = trainer.sampler.state_dict()
-        trainer.sampler.plan = plan
-        trainer.sampler.load_state_dict(state, allow_new_global_batch=plan.global_batch_size != old.global_batch_size)
-    if plan.global_batch_size != old.global_batch_size and trainer.optimizer is not None:
-        rule = trainer.lr_scaling if lr_scaling is None else lr_scaling
-        notes.append(
-            rescale_learning_rate(
-                trainer.optimizer, trainer.scheduler, old.global_batch_size, plan.global_batch_size, rule
+    def enable_oom_fallback(self, owner: str, strategy: Strategy) -> None:
+        if not strategy.supports_plan_change:
+            raise UserError(
+                f"{owner} cannot change its micro-batch during training (the engine fixes "
+                "the accumulation steps); plan the micro-batch with `gradaccum plan --micro-batch-size auto`"
             )
+        problem = strategy.check_oom_fallback()
+        if problem:
+            raise UserError(problem)
+        self.oom_fallback = True
+
+    def after_oom(self, plan: BatchPlan, step: int) -> tuple[BatchPlan, str]:
+        """The plan to retry step `step` with, and the log line that says so."""
+        new = smaller_plan(plan)
+        self.oom_events.append((step, plan.micro_batch_size, new.micro_batch_size))
+        return new, (
+            f"gradaccum: out of memory in step {step} at micro-batch {plan.micro_batch_size}: "
+            f"micro {plan.micro_batch_size} -> {new.micro_batch_size}, accumulation "
+            f"{plan.gradient_accumulation_steps} -> {new.gradient_accumulation_steps} "
+            f"(global batch {new.global_batch_size} unchanged); retrying the step"
         )
-    trainer.log("\n  ".join(notes))
 
+    def check_plan(self, owner: str, strategy: Strategy, old: BatchPlan, plan: BatchPlan) -> BatchPlan:
+        """`plan` as the trainer will run it (precision kept), or a UserError why it cannot."""
+        if not strategy.supports_plan_change:
+            raise UserError(f"{owner} cannot change its batch plan during training")
+        if (plan.world_size, plan.model_parallel_size) != (old.world_size, old.model_parallel_size):
+            raise UserError(
+                f"set_plan keeps the world size ({old.world_size}); got a plan for {plan.world_size}: "
+                "a new world size is a resume (trainer.resume at the new size)"
+            )
+        if plan.precision != old.precision:
+            plan = BatchPlan.solve(
+                plan.global_batch_size, plan.micro_batch_size, world_size=plan.world_size,
+                model_parallel_size=plan.model_parallel_size, precision=old.precision,
+            )  # fmt: skip
+        return plan
 
-def follow_ramp(trainer: BaseTrainer) -> None:
-    """Before a step: take the ramp's plan for the samples consumed so far."""
-    ramp: BatchRamp = trainer.batch_ramp
-    consumed = trainer.sampler.consumed_samples
-    if ramp.global_batch_at(consumed) == trainer.plan.global_batch_size:
-        return
-    # never grow back to a micro-batch that ran out of memory
-    cap = trainer.oom_events[-1][2] if trainer.oom_events else None
-    set_plan(trainer, ramp.plan_at(consumed, cap))
+    def set_batch_ramp(self, ramp: BatchRamp | str, plan: BatchPlan, lr_scaling: str | LRRule | None) -> None:
+        if isinstance(ramp, str):
+            final = BatchPlan.solve(
+                plan.global_batch_size, plan.micro_batch_size, world_size=plan.world_size,
+                model_parallel_size=plan.model_parallel_size, precision=plan.precision,
+            )  # fmt: skip
+            ramp = BatchRamp.parse(ramp, final)
+        if ramp.final.world_size != plan.world_size:
+            ramp = ramp.with_world_size(plan.world_size)
+        if lr_scaling is not None:
+            self.lr_scaling = lr_scaling
+        self.batch_ramp = ramp
 
+    def ramp_plan(self, plan: BatchPlan, consumed: int) -> BatchPlan | None:
+        """The ramp's plan for `consumed` samples when it differs from `plan` (None: keep it)."""
+        ramp = self.batch_ramp
+        if ramp is None or ramp.global_batch_at(consumed) == plan.global_batch_size:
+            return None
+        # never grow back to a micro-batch that ran out of memory
+        cap = self.oom_events[-1][2] if self.oom_events else None
+        return ramp.plan_at(consumed, cap)
 
-def set_batch_ramp(trainer: BaseTrainer, ramp: BatchRamp | str, lr_scaling: str | LRRule | None = None) -> None:
-    if trainer.sampler is None:
-        raise UserError("a batch ramp needs the trainer's dataset (the ramp follows the samples consumed)")
-    if isinstance(ramp, str):
-        final = BatchPlan.solve(
-            trainer.plan.global_batch_size, trainer.plan.micro_batch_size, world_size=trainer.plan.world_size,
-            model_parallel_size=trainer.plan.model_parallel_size, precision=trainer.plan.precision,
-        )  # fmt: skip
-        ramp = BatchRamp.parse(ramp, final)
-    if ramp.final.world_size != trainer.plan.world_size:
-        ramp = ramp.with_world_size(trainer.plan.world_size)
-    if lr_scaling is not None:
-        trainer.lr_scaling = lr_scaling
-    trainer.batch_ramp = ramp
-    follow_ramp(trainer)
+    def state_dict(self) -> dict[str, Any]:
+        """Not in checkpoints (a resume sets its own switches); for inspection and tests."""
+        return {"oom_fallback": self.oom_fallback, "oom_events": list(self.oom_events)}

@@ -1,182 +1,54 @@
 """DeepSpeedTrainer: the same step and loss contract as DDPTrainer, driven through a DeepSpeed engine.
 
-The DeepSpeed config comes from the BatchPlan (`launcher.configs.deepspeed_config`), so
-the engine's triad cannot disagree with the launcher's. Every micro-step goes through
-`engine.backward` and `engine.step`, in the shared loop of accumulate.py: DeepSpeed's own
-micro-step counter decides when to reduce gradients and when to update.
-
-Loss scaling: `engine.backward` divides the loss by gradient_accumulation_steps unless told
-not to. The shared loop has already normalised the loss (1/K for scalar means, dp/N for
-(loss_sum, count) pairs), so backward runs with `scale_wrt_gas=False`: dividing twice is
-the classic double-scaling bug. For pairs without `Task.count`, the reduced gradients are
-multiplied by dp/N after the boundary backward and before `engine.step()`, where DeepSpeed
-keeps them (`param.grad` at ZeRO 0, this rank's fp32 partition at ZeRO 1/2), so clipping
-and the update see the exact global token mean.
-
-Gradient communication: ZeRO 0 and 1 reduce once per optimizer step (on the boundary
-micro-step); ZeRO 2 reduces (and partitions) gradients on every micro-step by design.
-`count_collectives=True` wraps DeepSpeed's communication backend to count it (verify only).
+A front door: the Trainer core (trainers/trainer.py) with a DeepSpeedStrategy
+(trainers/strategies/deepspeed.py: the config from the plan, loss scaling without
+double division, gradient scaling where the engine keeps them, collective counting,
+the engine's own checkpoint files). Importing this module does not import deepspeed.
 """
 
 from __future__ import annotations
 
-import collections
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from launcher.errors import UserError
 from launcher.plan import BatchPlan
-from trainers.accumulate import AccumulationHooks, StepMetrics, grad_norm
-from trainers.base import BaseTrainer, build_from_task
-from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, Watchdog, init_distributed
-from trainers.precision import resolve_precision
-from trainers.task import Task
-
-INSTALL_HINT = "pip install 'gradaccum[deepspeed]' (or: pip install deepspeed)"
-#: the sub-directory of a gradaccum checkpoint that holds DeepSpeed's own files, and their tag
-CHECKPOINT_SUBDIR, CHECKPOINT_TAG = "deepspeed", "engine"
-#: in CHECKPOINT_SUBDIR: the ZeRO stage, data-parallel size and precision the files were written with
-LAYOUT_FILE = "gradaccum-layout.json"
-#: reducing collectives of DeepSpeed's communication backend: what gradients travel through
-GRADIENT_COLLECTIVES = (
-    "all_reduce",
-    "all_reduce_coalesced",
-    "inference_all_reduce",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
+from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, DistInfo
+from trainers.strategies.deepspeed import (
+    CHECKPOINT_SUBDIR,
+    CHECKPOINT_TAG,
+    GRADIENT_COLLECTIVES,
+    INSTALL_HINT,
+    LAYOUT_FILE,
+    CollectiveCounter,
+    DeepSpeedNotInstalled,
+    DeepSpeedStrategy,
+    EngineMismatch,
+    engine_mismatches,
+    import_deepspeed,
+    resume_problem,
 )
+from trainers.trainer import CommonOptions, Trainer
+
+__all__ = [
+    "CHECKPOINT_SUBDIR",
+    "CHECKPOINT_TAG",
+    "GRADIENT_COLLECTIVES",
+    "INSTALL_HINT",
+    "LAYOUT_FILE",
+    "CollectiveCounter",
+    "DeepSpeedNotInstalled",
+    "DeepSpeedTrainer",
+    "EngineMismatch",
+    "engine_mismatches",
+    "import_deepspeed",
+    "resume_problem",
+]
 
 
-def resume_problem(saved: Mapping[str, Any], zero_stage: int, data_parallel_size: int, precision: str) -> str | None:
-    """Why a DeepSpeed checkpoint with layout `saved` cannot be loaded by this engine (None: it can).
-
-    DeepSpeed 0.19 stores ZeRO 1/2 optimizer state in one file per data-parallel rank and
-    refuses to re-partition it for another data-parallel size; ZeRO 0 keeps one full copy.
-    """
-    stage, dp = int(saved["zero_stage"]), int(saved["data_parallel_size"])
-    if stage != zero_stage:
-        return f"it was written at ZeRO stage {stage} and this run uses stage {zero_stage}; resume with --zero-stage {stage}"
-    if saved.get("precision", precision) != precision:
-        return f"it was written in {saved['precision']} and this run uses {precision}; resume with the same precision"
-    if stage >= 1 and dp != data_parallel_size:
-        return (
-            f"it holds ZeRO {stage} optimizer state partitioned over {dp} data-parallel ranks and this run has "
-            f"{data_parallel_size}; DeepSpeed cannot re-partition it. Resume with {dp} processes (or convert it with "
-            "DeepSpeed's ds_to_universal and load it as a universal checkpoint outside gradaccum); "
-            "ZeRO 0 checkpoints resume at any world size"
-        )
-    return None
-
-
-class DeepSpeedNotInstalled(UserError):
-    """deepspeed cannot be imported."""
-
-
-class EngineMismatch(UserError):
-    """The DeepSpeed engine's batch numbers or world size differ from the plan."""
-
-
-def import_deepspeed() -> Any:
-    """`import deepspeed`, or a UserError that says how to install it."""
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise DeepSpeedNotInstalled(
-            f"DeepSpeedTrainer needs the deepspeed package, which cannot be imported ({e}). Install it with: "
-            f"{INSTALL_HINT}; or use DDPTrainer (--backend ddp), which needs only torch."
-        ) from None
-    return deepspeed
-
-
-def engine_mismatches(plan: BatchPlan, engine_numbers: Mapping[str, int]) -> list[str]:
-    """What differs between the plan and the live engine/process group (empty when all agree).
-
-    `engine_numbers` has train_batch_size, train_micro_batch_size_per_gpu,
-    gradient_accumulation_steps (the engine's), world_size (the process group's) and
-    data_parallel_size (the engine's dp_world_size).
-    """
-    expected = {
-        "train_batch_size": ("global_batch_size", plan.global_batch_size),
-        "train_micro_batch_size_per_gpu": ("micro_batch_size", plan.micro_batch_size),
-        "gradient_accumulation_steps": ("gradient_accumulation_steps", plan.gradient_accumulation_steps),
-        "world_size": ("world_size", plan.world_size),
-        "data_parallel_size": ("data_parallel_size", plan.data_parallel_size),
-    }
-    return [
-        f"the engine's {key} is {engine_numbers[key]} but the plan's {attr} is {value}"
-        for key, (attr, value) in expected.items()
-        if key in engine_numbers and engine_numbers[key] != value
-    ]
-
-
-class CollectiveCounter:
-    """Counts DeepSpeed's reducing collectives, and the backward passes that issued any.
-
-    Wraps the methods of `deepspeed.comm`'s backend object (every DeepSpeed collective goes
-    through it). Only calls made while `active` count: the trainer sets it around
-    `engine.backward`, so the optimizer's own small reductions (gradient norm, overflow
-    check) and the trainer's count all-reduce (plain torch.distributed) stay out.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.calls: collections.Counter[str] = collections.Counter()
-        self.rounds = 0
-        self._seen_in_backward = False
-        self._backend: Any = None
-        self._installed: list[str] = []
-
-    def install(self) -> CollectiveCounter:
-        from deepspeed.comm import comm as ds_comm
-
-        backend = ds_comm.cdb
-        if backend is None:
-            raise RuntimeError("deepspeed.comm has no backend yet: install the counter after deepspeed.initialize")
-        self._backend = backend
-        for name in GRADIENT_COLLECTIVES:
-            original = getattr(backend, name, None)
-            if callable(original):
-                setattr(backend, name, self._wrap(name, original))
-                self._installed.append(name)
-        return self
-
-    def _wrap(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                self.calls[name] += 1
-                self._seen_in_backward = True
-            return original(*args, **kwargs)
-
-        return counted
-
-    def begin_backward(self) -> None:
-        self.active, self._seen_in_backward = True, False
-
-    def end_backward(self) -> None:
-        self.active = False
-        self.rounds += self._seen_in_backward
-
-    def reset(self) -> None:
-        self.rounds, self.calls = 0, collections.Counter()
-
-    def uninstall(self) -> None:
-        for name in self._installed:
-            delattr(self._backend, name)  # the instance attribute shadowed the class's method
-        self._installed = []
-
-
-def _is_optimizer(obj: Any) -> bool:
-    return isinstance(obj, torch.optim.Optimizer)
-
-
-class DeepSpeedTrainer(BaseTrainer):
+class DeepSpeedTrainer(Trainer):
     """Data-parallel training through a DeepSpeed engine (ZeRO 0, 1 or 2), exact accumulation.
 
     `optimizer` is a torch optimizer over `model`'s parameters, a factory
@@ -187,8 +59,11 @@ class DeepSpeedTrainer(BaseTrainer):
     `ds_config` is a user's DeepSpeed JSON (dict or path) merged under the plan: its batch
     keys must agree with the plan, and its ZeRO stage with `zero_stage`.
     `clip_grad_norm` is written into the config as `gradient_clipping` (0.0, i.e. off, when
-    neither gives one: DeepSpeed's own default would clip at 1.0).
+    neither gives one: DeepSpeed's own default would clip at 1.0). `**options` are
+    CommonOptions (dataset, count, collate, scheduler, precision, checkpoint_dir, ...).
     """
+
+    _scheduler_factory = True  # DeepSpeed calls the task's factory with the optimizer it steps
 
     def __init__(
         self,
@@ -199,216 +74,54 @@ class DeepSpeedTrainer(BaseTrainer):
         *,
         zero_stage: int | None = None,
         ds_config: Mapping[str, Any] | str | Path | None = None,
-        dataset: Sequence[Any] | None = None,
-        count: Callable[[Any], Any] | None = None,
-        collate: Callable[[list], Any] | None = None,
-        scheduler: Any = None,
-        clip_grad_norm: float | None = None,
-        track_grad_norm: bool = False,
-        precision: str | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = False,
         backend: str | None = None,
         collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT_S,
         count_collectives: bool = False,
         log: bool = True,
-        log_every: int = 0,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        checkpoint_every: int = 0,
-        keep_last: int | None = None,
+        **options: Any,
     ) -> None:
-        from launcher.configs import deepspeed_config, load_json_file
-
-        if plan.model_parallel_size != 1:
-            raise UserError(
-                f"DeepSpeedTrainer is pure data-parallel; the plan has model-parallel size {plan.model_parallel_size}"
-            )
-        if zero_stage is not None and zero_stage not in (0, 1, 2):
-            raise UserError(f"DeepSpeedTrainer supports ZeRO stages 0, 1 and 2, got {zero_stage!r}")
-        base = load_json_file(ds_config, "DeepSpeed config") if isinstance(ds_config, (str, Path)) else ds_config
-        precision = resolve_precision(plan.precision, precision)  # DeepSpeed runs it, from its config
-        config = deepspeed_config(
-            plan, base, zero_stage=zero_stage, gradient_clipping=clip_grad_norm, precision=precision
+        strategy = DeepSpeedStrategy(
+            zero_stage=zero_stage,
+            ds_config=ds_config,
+            backend=backend,
+            collective_timeout=collective_timeout,
+            count_collectives=count_collectives,
         )
-        if config["zero_optimization"]["stage"] not in (0, 1, 2):
-            raise UserError(
-                f"DeepSpeedTrainer supports ZeRO stages 0, 1 and 2; the config asks for {config['zero_optimization']['stage']}"
-            )
-        if (optimizer is None) == ("optimizer" not in config):
-            raise UserError(
-                "DeepSpeedTrainer needs exactly one optimizer: pass one (or a factory) or define "
-                f'"optimizer" in the DeepSpeed config, not {"both" if optimizer is not None else "neither"}'
-            )
-        if scheduler is not None and "scheduler" in config:
-            raise UserError('an LR scheduler was passed and the DeepSpeed config defines "scheduler" too: give one')
-        deepspeed = import_deepspeed()
-        # our launcher detection and world-size check first; DeepSpeed then adopts the group
-        info = init_distributed(plan, backend, collective_timeout=collective_timeout)
-        model.to(info.device)
-        if optimizer is not None and not _is_optimizer(optimizer):
-            optimizer = optimizer(model.parameters())
-        # A scheduler factory is DeepSpeed's own convention: it calls it with the optimizer it steps.
-        engine, _, _, engine_scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            model_parameters=model.parameters() if optimizer is None else None,
-            lr_scheduler=scheduler,
-            config=config,
-        )
-        problems = engine_mismatches(
-            plan,
-            {
-                "train_batch_size": engine.train_batch_size(),
-                "train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
-                "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-                "world_size": dist.get_world_size(),
-                "data_parallel_size": engine.dp_world_size,
-            },
-        )
-        if problems:
-            raise EngineMismatch(
-                "the DeepSpeed engine disagrees with the batch plan: "
-                + "; ".join(problems)
-                + ". Let the plan write the batch keys (drop them from your DeepSpeed JSON) and start as many "
-                "processes as the plan's world size."
-            )
-        super().__init__(
-            engine,
-            engine.module,
-            engine.optimizer,
-            plan,
-            loss,
-            dataset=dataset,
-            count=count,
-            collate=collate,
-            scheduler=engine_scheduler,
-            clip_grad_norm=config["gradient_clipping"] or None,
-            track_grad_norm=track_grad_norm,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            device=info.device,
-            dp_rank=info.rank,
-            precision=precision,
-            log_every=log_every,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            keep_last=keep_last,
-        )
-        self.engine = engine
-        self.dist = info
-        self.config = config
-        self.zero_stage = int(config["zero_optimization"]["stage"])
-        self._params = [p for p in engine.module.parameters() if p.requires_grad]
-        # ZeRO 0 in fp32 hands the torch optimizer param.grad directly: the norm is ours to take.
-        self._norm_from_params = self.zero_stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
-        self.collectives = CollectiveCounter().install() if count_collectives else None
-        self.last_collective_calls: dict[str, int] = {}
-        # names the rank(s) the others wait for and exits, instead of hanging (None: one process)
-        self.watchdog = Watchdog.for_process_group(collective_timeout)
-        if log:
-            self.log(
-                f"gradaccum: DeepSpeed ZeRO {self.zero_stage} ({info.backend}) on {info.world_size} process(es) "
-                f"({info.launcher or 'single'}), plan:\n"
-                + plan.describe()
-                + (
-                    "\nZeRO 2 partitions gradients: DeepSpeed reduces them on every micro-step, by design"
-                    if self.zero_stage >= 2 and plan.gradient_accumulation_steps > 1
-                    else ""
-                )
-            )
+        super().__init__(strategy, model, optimizer, plan, loss, CommonOptions(**options), log=log)
+        self.strategy: DeepSpeedStrategy = strategy
+        # the engine's clipping (config "gradient_clipping"), as the trainer reports it
+        self.clip_grad_norm = strategy.config["gradient_clipping"] or None
 
     @classmethod
-    def from_task(cls, task: Task, plan: BatchPlan, **kwargs: Any) -> DeepSpeedTrainer:
-        """Seed torch, build the task's model and optimizer, hand them to DeepSpeed."""
+    def _task_device(cls, plan: BatchPlan, kwargs: dict[str, Any]) -> torch.device:
         timeout = kwargs.get("collective_timeout", DEFAULT_COLLECTIVE_TIMEOUT_S)
-        info = init_distributed(plan, kwargs.get("backend"), collective_timeout=timeout)
-        model, optimizer, fields = build_from_task(task, info.device)
-        return cls(model, optimizer, plan, task.loss, scheduler=task.scheduler, **fields, **kwargs)
+        return DeepSpeedStrategy(backend=kwargs.get("backend"), collective_timeout=timeout).device_for(plan)
 
-    # ------------------------------------------------------------------ hooks
-    def _hooks(self) -> AccumulationHooks:
-        # no_sync stays a no-op: DeepSpeed's micro-step counter decides when to communicate.
-        return AccumulationHooks(
-            step=self._step,
-            scale_gradients=self._scale_reduced_gradients,
-            backward=self._backward,
-            all_reduce_sum=self._all_reduce_sum,
-        )
+    @property
+    def engine(self) -> Any:
+        return self.strategy.engine
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.collectives is not None:
-            self.collectives.begin_backward()
-        try:
-            # The loss is already normalised by the shared loop: DeepSpeed must not divide by K again.
-            self.engine.backward(loss, scale_wrt_gas=False)
-        finally:
-            if self.collectives is not None:
-                self.collectives.end_backward()
-        if not self.engine.is_gradient_accumulation_boundary():
-            # Off the boundary, step() only advances DeepSpeed's micro-step counter. The
-            # boundary's step() comes from the `step` hook, after any gradient scaling.
-            self.engine.step()
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.strategy.config
 
-    def _step(self) -> float | None:
-        if not self.engine.is_gradient_accumulation_boundary():
-            raise RuntimeError(
-                f"DeepSpeed's micro-step counter ({self.engine.micro_steps}) is not at an accumulation boundary "
-                f"after {self.plan.gradient_accumulation_steps} micro-steps: step() was called outside the trainer"
-            )
-        # our own pass over the gradients only when asked; the engine's norm (when it took one) is free
-        norm = grad_norm(self._params) if self._norm_from_params and self.track_grad_norm else None
-        self.engine.step()
-        if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    @property
+    def zero_stage(self) -> int:
+        return self.strategy.zero_stage
 
-    def _scale_reduced_gradients(self, factor: float) -> None:
-        """Multiply the reduced gradients, wherever this engine keeps them, by `factor`."""
-        if factor == 1.0:
-            return
-        if self.engine.zero_use_cpu_optimizer():
-            # ZeRO-Offload copies the reduced gradients into the CPU optimizer's own buffers,
-            # out of reach of the public fragment mapping (measured: scaling it changes nothing).
-            raise UserError(
-                "with ZeRO-Offload (offload_optimizer) a (loss_sum, count) loss needs Task.count (count=...): the "
-                "trainer then scales each micro-step's loss before backward, which is exact; scaling the offloaded "
-                "gradients afterwards is not"
-            )
-        grads, partitioned = [], False
-        for p in self._params:
-            if hasattr(p, "_hp_mapping"):
-                # ZeRO 1/2 (and DeepSpeed's bf16 optimizer): this rank's slice of the reduced
-                # fp32 gradient, the tensor DeepSpeed's own safe_set_full_grad writes to
-                partitioned = True
-                if p._hp_mapping is not None:  # None: no part of p lives in this rank's partition
-                    grads.append(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group))
-            elif p.grad is not None:
-                grads.append(p.grad)  # ZeRO 0: the optimizer reads param.grad (None: p was unused)
-        if self.zero_stage >= 1 and not partitioned:
-            raise UserError(
-                "this DeepSpeed configuration keeps its gradients where the trainer cannot scale them exactly; "
-                "give the task a count function (Task.count / count=...) so that each micro-step's loss is "
-                "scaled before backward instead"
-            )
-        if grads:
-            torch._foreach_mul_(grads, factor)
+    @property
+    def dist(self) -> DistInfo:
+        return self.strategy.dist
 
-    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)  # plain torch.distributed: not counted as gradient communication
-        return tensor
+    @property
+    def collectives(self) -> CollectiveCounter | None:
+        return self.strategy.collectives
 
-    def _before_step(self) -> None:
-        if self.collectives is not None:
-            self.collectives.reset()
+    @property
+    def last_collective_calls(self) -> dict[str, int]:
+        """Calls per reducing collective in the last step's backward passes (count_collectives=True)."""
+        return self.strategy.last_collective_calls
 
-    def _after_step(self, metrics: StepMetrics) -> None:
-        if self.collectives is not None:
-            metrics.allreduce_rounds = self.collectives.rounds
-            self.last_collective_calls = dict(self.collectives.calls)
-
-    # ------------------------------------------------------------------ state
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the model's state_dict with every parameter's fp32 master copy (collective:
         call it on every rank).
@@ -417,86 +130,4 @@ class DeepSpeedTrainer(BaseTrainer):
         16 bits and updates fp32 master copies (partitioned at ZeRO 1/2); those are what a
         comparison with an fp32 run, or an fp32 export, wants.
         """
-        state = {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
-        if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
-            return state
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        optimizer = self.engine.optimizer
-        # ZeRO 0 in 16 bits (DeepSpeed's unfused fp16/bf16 optimizer): a full fp32 copy per parameter
-        lp_groups, hp_groups = getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", [])
-        masters = {
-            id(lp): hp
-            for lp_group, hp_group in zip(lp_groups, hp_groups, strict=True)
-            for lp, hp in zip(lp_group, hp_group, strict=True)
-        }
-        for name, p in self.module.named_parameters():
-            full = masters.get(id(p))
-            if full is None:
-                full = safe_get_full_fp32_param(p)  # ZeRO 1/2: gathers the partitions (all-reduce)
-            if full is not None and name in state:
-                state[name] = full.detach().reshape(p.shape).clone()
-        return state
-
-    def _step_was_skipped(self) -> bool:
-        # fp16: DeepSpeed's loss scaler skipped the update after an overflow
-        return not self.engine.was_step_applied()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The replicated part: sampler, step, plan. Weights, optimizer and scheduler live in
-        the engine (ZeRO 1/2: fp32 master copies partitioned over the ranks) and are
-        checkpointed by DeepSpeed's own files (see `_checkpoint_extra_writer`); the weights
-        are also `trainer.module.state_dict()`."""
-        return {
-            "model": None,
-            "optimizer": None,
-            "scheduler": None,
-            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
-            "step": self.global_step,
-            "plan": self.plan.to_dict(),
-            "precision": None,
-            "skipped_steps": list(self.skipped_steps),
-            "backend": "deepspeed",
-            "zero_stage": self.zero_stage,
-        }
-
-    def _checkpoint_extra_writer(self) -> Callable[[Path], None]:
-        """Run on every rank by BaseTrainer.save: DeepSpeed writes its own files into the checkpoint."""
-
-        def write(tmp_dir: Path) -> None:
-            directory = Path(tmp_dir) / CHECKPOINT_SUBDIR
-            self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
-            if self.dist.rank == 0:
-                from launcher.atomic import write_json_atomic
-
-                layout = {"zero_stage": self.zero_stage, "data_parallel_size": self.plan.data_parallel_size}
-                write_json_atomic(directory / LAYOUT_FILE, {**layout, "precision": self.precision})
-
-        return write
-
-    def _load_checkpoint_extra(self, checkpoint_dir: str | Path) -> None:
-        """Restore the engine (weights, fp32 master copies, optimizer, scheduler) from a checkpoint."""
-        from trainers.checkpoint import CheckpointError
-
-        directory = Path(checkpoint_dir) / CHECKPOINT_SUBDIR
-        try:
-            saved = json.loads((directory / LAYOUT_FILE).read_text())
-        except (OSError, ValueError):
-            raise CheckpointError(
-                f"{checkpoint_dir} has no DeepSpeed engine files ({directory / LAYOUT_FILE} is missing or unreadable): "
-                "it was not written by DeepSpeedTrainer; resume it with the trainer that wrote it"
-            ) from None
-        problem = resume_problem(saved, self.zero_stage, self.plan.data_parallel_size, self.precision)
-        if problem:
-            raise CheckpointError(f"cannot resume {checkpoint_dir} here: {problem}")
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load its checkpoint from {directory}")
-
-    def close(self) -> None:
-        """Stop the watchdog, undo the collective counting; the process group stays (trainers.distributed.shutdown)."""
-        if self.collectives is not None:
-            self.collectives.uninstall()
-            self.collectives = None
-        if self.watchdog is not None:
-            self.watchdog.stop()
+        return self.strategy.fp32_state_dict()

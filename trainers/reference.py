@@ -1,23 +1,22 @@
 """ReferenceTrainer: one process, the whole global batch in one forward/backward per step.
 
 The yardstick the distributed trainers are compared with. It runs the same loss contract
-through the same `accumulation_step`, with one micro-batch and one "rank", so there is
-nothing to synchronise and nothing to accumulate: a (loss_sum, count) loss is divided by
-the global batch's count, a scalar-mean loss is the mean over the global batch.
+through the same Trainer core and accumulation step, with one micro-batch and one "rank"
+(SingleDeviceStrategy), so there is nothing to synchronise and nothing to accumulate: a
+(loss_sum, count) loss is divided by the global batch's count, a scalar-mean loss is the
+mean over the global batch. It takes the checkpoint options like the other trainers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from launcher.plan import BatchPlan
-from trainers.accumulate import AccumulationHooks
-from trainers.base import BaseTrainer, build_from_task
-from trainers.precision import MixedPrecision
-from trainers.task import Task
+from trainers.strategies.single import SingleDeviceStrategy
+from trainers.trainer import CommonOptions, Trainer
 
 
 def reference_plan(plan_or_global_batch: BatchPlan | int) -> BatchPlan:
@@ -28,10 +27,9 @@ def reference_plan(plan_or_global_batch: BatchPlan | int) -> BatchPlan:
     return BatchPlan(g, g, gradient_accumulation_steps=1, world_size=1, precision=precision)
 
 
-class ReferenceTrainer(BaseTrainer):
-    """Single device: `plan` may be the distributed plan (only its global batch size is used)."""
-
-    _supports_plan_change = True
+class ReferenceTrainer(Trainer):
+    """Single device: `plan` may be the distributed plan (only its global batch size is used).
+    `**options` are CommonOptions (dataset, count, collate, scheduler, checkpoint_dir, ...)."""
 
     def __init__(
         self,
@@ -40,60 +38,15 @@ class ReferenceTrainer(BaseTrainer):
         plan: BatchPlan | int,
         loss: Callable[[Any, Any], Any],
         *,
-        dataset: Sequence[Any] | None = None,
-        count: Callable[[Any], Any] | None = None,
-        collate: Callable[[list], Any] | None = None,
-        scheduler: Any = None,
-        clip_grad_norm: float | None = None,
-        track_grad_norm: bool = False,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = False,
         device: torch.device | str | None = None,
-        log_every: int = 0,
-        precision: str | None = None,
+        log: bool = False,
+        **options: Any,
     ) -> None:
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        model.to(device)
-        super().__init__(
-            model,
-            model,
-            optimizer,
-            reference_plan(plan),
-            loss,
-            dataset=dataset,
-            count=count,
-            collate=collate,
-            scheduler=scheduler,
-            clip_grad_norm=clip_grad_norm,
-            track_grad_norm=track_grad_norm,
-            seed=seed,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            device=device,
-            log_every=log_every,
-            precision=precision,
-        )
-        self.amp = MixedPrecision(
-            self.precision,
-            device,
-            model.parameters(),
-            optimizer,
-            scheduler,
-            clip_grad_norm,
-            track_grad_norm=track_grad_norm,
-        )
+        strategy = SingleDeviceStrategy(device)
+        super().__init__(strategy, model, optimizer, reference_plan(plan), loss, CommonOptions(**options), log=log)
 
     @classmethod
-    def from_task(cls, task: Task, plan: BatchPlan | int, **kwargs: Any) -> ReferenceTrainer:
-        """Seed torch exactly as the distributed trainers do, then build model and optimizer."""
+    def _task_device(cls, plan: BatchPlan | int, kwargs: dict[str, Any]) -> torch.device:
         device = torch.device(kwargs.pop("device", None) or "cpu")
-        model, optimizer, fields = build_from_task(task, device)
-        scheduler = task.scheduler(optimizer) if task.scheduler is not None else None
-        return cls(model, optimizer, plan, task.loss, scheduler=scheduler, device=device, **fields, **kwargs)
-
-    def _hooks(self) -> AccumulationHooks:
-        amp = self.amp
-        return AccumulationHooks(
-            step=amp.step, scale_gradients=amp.scale_gradients, backward=amp.backward, autocast=amp.autocast
-        )
+        kwargs["device"] = device
+        return device

@@ -1,7 +1,10 @@
 """Trainer checkpoints: save, resume (also at another world size or global batch), stop on a signal.
 
-`BaseTrainer.save / resume / request_checkpoint_and_stop` call into this module; the files
-themselves are written by `trainers.checkpoint` (atomic, verified, `latest` pointer).
+`Checkpointing` is the trainer's checkpoint component: it owns where and how often to
+save, the last step saved and the stop request; `Trainer.save / resume /
+request_checkpoint_and_stop` call it. The files themselves are written by
+`trainers.checkpoint` (atomic, verified, `latest` pointer); what goes in them is
+`Trainer.state_dict()` (each component's part) plus the strategy's own files.
 
 What a checkpoint holds: model, optimizer, LR scheduler, the GlobalBatchSampler position
 (in global batches, so it is valid at any world size), the step counter and the plan
@@ -49,7 +52,7 @@ from trainers.checkpoint import (
 )
 
 if TYPE_CHECKING:
-    from trainers.base import BaseTrainer
+    from trainers.trainer import Trainer
 
 AUTO = "auto"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -69,15 +72,6 @@ def _barrier():
     import torch.distributed as dist
 
     return dist.barrier if _group()[1] > 1 else None
-
-
-def _log(trainer: BaseTrainer | None, message: str) -> None:
-    if trainer is not None:
-        trainer.log(message)
-    else:
-        from trainers.distributed import log_rank0
-
-        log_rank0(message)
 
 
 # ------------------------------------------------------------------ which checkpoint
@@ -172,77 +166,132 @@ def describe_change(saved: BatchPlan, plan: BatchPlan) -> str:
     return f"plan {triad(saved)} at world size {saved.world_size} -> {triad(plan)} at world size {plan.world_size}"
 
 
-# --------------------------------------------------------------------------- save
-def save_trainer(trainer: BaseTrainer, root: str | os.PathLike[str] | None = None) -> Path:
-    """Every rank calls it: rank 0 writes the replicated state, each rank its RNG state."""
-    root = root if root is not None else trainer.checkpoint_dir
-    if root is None:
-        raise UserError("no checkpoint directory: pass save(root) or checkpoint_dir= to the trainer")
-    rank, world = _group()
-    meta: dict[str, Any] = {"backend": type(trainer).__name__}
-    if trainer.sampler is not None:
-        meta["samples_consumed"] = trainer.sampler.consumed_samples
-    if trainer.optimizer is not None:
-        meta["lr"] = trainer.optimizer.param_groups[0].get("lr")
-    path = save_checkpoint(
-        root,
-        trainer.global_step,
-        trainer._checkpoint_state() if rank == 0 else None,
-        rank=rank,
-        world_size=world,
-        plan=trainer.plan,
-        rank_state=rng_state(),
-        barrier=_barrier(),
-        keep_last=trainer.keep_last,
-        write_extra=trainer._checkpoint_extra_writer(),
-        meta=meta,
-    )
-    trainer.last_checkpoint_step = trainer.global_step
-    return path
+# ------------------------------------------------------------------ the component
+class Checkpointing:
+    """Periodic checkpoints, resume and the agreed stop of one trainer (every rank has one)."""
 
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, every: int = 0, keep_last: int | None = None
+    ) -> None:
+        self.directory = directory
+        self.every = every
+        self.keep_last = keep_last
+        self.last_step: int | None = None  # the step of the newest checkpoint written or loaded
+        self.stop_agreement = False  # all-reduce stop requests at each step (install_stop_handlers)
+        self.stop_requested = False
+        self.stopped = False  # the loop ended early on a stop request
 
-# ------------------------------------------------------------------------- resume
-def resume_trainer(trainer: BaseTrainer, path_or_root: str | os.PathLike[str], lr_scaling: str | LRRule = "linear"):
-    """See BaseTrainer.resume. Returns the checkpoint directory, or None ("auto", none yet)."""
-    path = agree_on_checkpoint(path_or_root, trainer.checkpoint_dir)
-    if path is None:
-        _log(trainer, f"gradaccum: no checkpoint under {trainer.checkpoint_dir} yet: starting from step 0")
-        return None
-    rank, world = _group()
-    # Rank 0 verified every file (size and sha256) while choosing; the others trust that.
-    manifest = read_manifest(path)
-    same_world = manifest["world_size"] == world
-    state, rank_state, manifest = load_checkpoint(path, rank=rank if same_world else 0, verify=False)
-    saved = BatchPlan.from_dict(manifest.get("plan") or state["plan"])
-    trainer._load_checkpoint_extra(path)
-    trainer.load_state_dict({**state, "sampler": None})
-    new_global = saved.global_batch_size != trainer.plan.global_batch_size
-    if trainer.sampler is not None and state.get("sampler") is not None:
-        trainer.sampler.load_state_dict(state["sampler"], allow_new_global_batch=new_global)
-    if rank_state is not None:
-        set_rng_state(rank_state)
-    trainer._stop_requested = trainer.stopped = False
-    trainer.last_checkpoint_step = trainer.global_step
-    notes = [f"gradaccum: resumed from {path} at step {trainer.global_step}: {describe_change(saved, trainer.plan)}"]
-    if not same_world:
-        notes.append(
-            f"world size {manifest['world_size']} -> {world}: the global batch order is unchanged; "
-            "RNG states taken from rank 0's file"
-        )
-    if new_global and trainer.optimizer is not None:
-        notes.append(
-            rescale_learning_rate(
-                trainer.optimizer,
-                trainer.scheduler,
-                saved.global_batch_size,
-                trainer.plan.global_batch_size,
-                lr_scaling,
-            )
-        )
+    def request_stop(self) -> None:
+        """Safe in a signal handler: only sets a flag."""
+        self.stop_requested = True
+
+    def save(self, trainer: Trainer, root: str | os.PathLike[str] | None = None) -> Path:
+        """Every rank calls it: rank 0 writes the replicated state, each rank its RNG state."""
+        root = root if root is not None else self.directory
+        if root is None:
+            raise UserError("no checkpoint directory: pass save(root) or checkpoint_dir= to the trainer")
+        rank, world = _group()
+        meta: dict[str, Any] = {"backend": type(trainer).__name__}
         if trainer.sampler is not None:
-            notes.append(f"the data continues at item {trainer.sampler.consumed_samples} of the sample stream")
-    _log(trainer, "\n  ".join(notes))
-    return path
+            meta["samples_consumed"] = trainer.sampler.consumed_samples
+        if trainer.optimizer is not None:
+            meta["lr"] = trainer.optimizer.param_groups[0].get("lr")
+        path = save_checkpoint(
+            root,
+            trainer.global_step,
+            trainer.state_dict() if rank == 0 else None,
+            rank=rank,
+            world_size=world,
+            plan=trainer.plan,
+            rank_state=rng_state(),
+            barrier=_barrier(),
+            keep_last=self.keep_last,
+            write_extra=trainer.strategy.write_files,
+            meta=meta,
+        )
+        self.last_step = trainer.global_step
+        return path
+
+    def resume(self, trainer: Trainer, path_or_root: str | os.PathLike[str], lr_scaling: str | LRRule) -> Path | None:
+        """See Trainer.resume. Returns the checkpoint directory, or None ("auto", none yet)."""
+        path = agree_on_checkpoint(path_or_root, self.directory)
+        if path is None:
+            trainer.log(f"gradaccum: no checkpoint under {self.directory} yet: starting from step 0")
+            return None
+        rank, world = _group()
+        # Rank 0 verified every file (size and sha256) while choosing; the others trust that.
+        manifest = read_manifest(path)
+        same_world = manifest["world_size"] == world
+        state, rank_state, manifest = load_checkpoint(path, rank=rank if same_world else 0, verify=False)
+        saved = BatchPlan.from_dict(manifest.get("plan") or state["plan"])
+        trainer.strategy.read_files(path)
+        trainer.load_state_dict({**state, "sampler": None})
+        new_global = saved.global_batch_size != trainer.plan.global_batch_size
+        if trainer.data is not None and state.get("sampler") is not None:
+            trainer.data.load_state_dict(state["sampler"], allow_new_global_batch=new_global)
+        if rank_state is not None:
+            set_rng_state(rank_state)
+        self.stop_requested = self.stopped = False
+        self.last_step = trainer.global_step
+        notes = [
+            f"gradaccum: resumed from {path} at step {trainer.global_step}: {describe_change(saved, trainer.plan)}"
+        ]
+        if not same_world:
+            notes.append(
+                f"world size {manifest['world_size']} -> {world}: the global batch order is unchanged; "
+                "RNG states taken from rank 0's file"
+            )
+        if new_global and trainer.optimizer is not None:
+            notes.append(
+                rescale_learning_rate(
+                    trainer.optimizer,
+                    trainer.scheduler,
+                    saved.global_batch_size,
+                    trainer.plan.global_batch_size,
+                    lr_scaling,
+                )
+            )
+            if trainer.sampler is not None:
+                notes.append(f"the data continues at item {trainer.sampler.consumed_samples} of the sample stream")
+        trainer.log("\n  ".join(notes))
+        return path
+
+    def stop_agreed(self, device: Any) -> bool:
+        """Whether any rank asked to stop; one tiny all-reduce when stop requests are enabled."""
+        local = self.stop_requested
+        if not self.stop_agreement or _group()[1] == 1:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def after_step(self, trainer: Trainer, step: int) -> bool:
+        """Periodic checkpoint, then the agreed stop; True means the loop ends now."""
+        stop = self.stop_agreed(trainer.device)
+        due = bool(self.every) and step % self.every == 0
+        if self.directory is not None and (due or stop) and self.last_step != step:
+            trainer.hang.at(step, "checkpoint")  # a hang report then says where the ranks were
+            self.save(trainer)
+        if stop:
+            self.stopped = True
+            where = f"checkpoint step {step} written" if self.directory is not None else "no checkpoint_dir"
+            trainer.log(f"gradaccum: stop requested: stopping after step {step} ({where})")
+        return stop
+
+    def save_final(self, trainer: Trainer) -> Path | None:
+        """A checkpoint of the last step unless one was just written (end of a run)."""
+        if self.directory is None or self.last_step == trainer.global_step:
+            return None
+        return self.save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state.get("last_step")
 
 
 def rescale_learning_rate(
@@ -273,47 +322,18 @@ def rescale_learning_rate(
     )
 
 
-# ------------------------------------------------------------------- stepping hooks
-def stop_agreed(trainer: BaseTrainer) -> bool:
-    """Whether any rank asked to stop; one tiny all-reduce when stop requests are enabled."""
-    local = trainer._stop_requested
-    if not trainer.stop_agreement or _group()[1] == 1:
-        return local
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1.0 if local else 0.0], device=trainer.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
-
-
-def after_train_step(trainer: BaseTrainer, step: int) -> bool:
-    """Periodic checkpoint, then the agreed stop; True means train() returns now."""
-    stop = stop_agreed(trainer)
-    due = bool(trainer.checkpoint_every) and step % trainer.checkpoint_every == 0
-    if trainer.checkpoint_dir is not None and (due or stop) and trainer.last_checkpoint_step != step:
-        watchdog = getattr(trainer, "watchdog", None)
-        if watchdog is not None:  # a hang report then says where the ranks were
-            watchdog.progress(step, None, "checkpoint")
-        trainer.save()
-    if stop:
-        trainer.stopped = True
-        where = f"checkpoint step {step} written" if trainer.checkpoint_dir is not None else "no checkpoint_dir"
-        trainer.log(f"gradaccum: stop requested: stopping after step {step} ({where})")
-    return stop
-
-
-def install_stop_handlers(trainer: BaseTrainer, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
+# ------------------------------------------------------------------- stop signals
+def install_stop_handlers(trainer: Trainer, signals: Iterable[signal.Signals] = STOP_SIGNALS) -> None:
     """SIGUSR1/SIGTERM -> checkpoint after the current step and stop (every rank, same step).
 
     Install it on every rank (it turns on the per-step all-reduce of the stop flag, which
     every rank must join). A second signal of the same kind takes the default action, so a
     rank stuck in a collective can still be terminated.
     """
-    trainer.stop_agreement = True
+    trainer.checkpoints.stop_agreement = True
 
     def handler(signum: int, _frame: Any) -> None:
-        if trainer._stop_requested:
+        if trainer.checkpoints.stop_requested:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -323,11 +343,9 @@ def install_stop_handlers(trainer: BaseTrainer, signals: Iterable[signal.Signals
         signal.signal(sig, handler)
 
 
-def save_final(trainer: BaseTrainer) -> Path | None:
+def save_final(trainer: Trainer) -> Path | None:
     """A checkpoint of the last step unless one was just written (end of a run)."""
-    if trainer.checkpoint_dir is None or trainer.last_checkpoint_step == trainer.global_step:
-        return None
-    return trainer.save()
+    return trainer.checkpoints.save_final(trainer)
 
 
 # ----------------------------------------------------------------------- CLI flags

@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,6 @@ from launcher.plan import PLAN_ENV_VAR, PRECISIONS, BatchPlan
 from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, trainer_backend, zero_stages
 
 if TYPE_CHECKING:
-    from trainers.base import StepMetrics
     from trainers.distributed import DistInfo
     from trainers.task import Task
 
@@ -240,18 +239,3 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
         if tmp.exists():
             tmp.unlink()
 
-
-def each_step(trainer: Any, steps: int) -> Iterator[StepMetrics]:
-    """Each step's metrics as the step ends: the trainer's `iter_steps` where it has one, else
-    `train(1, callback=...)` per step (whatever `train` returns)."""
-    if hasattr(trainer, "iter_steps"):
-        yield from trainer.iter_steps(steps)
-        return
-    for _ in range(steps):
-        got: list[StepMetrics] = []
-        trainer.train(1, callback=got.append)
-        if not got:
-            return
-        yield got[0]
-        if trainer.stopped:
-            return

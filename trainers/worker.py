@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainers.startup import Session, each_step, run_worker, save_atomic
+from trainers.startup import Session, run_worker, save_atomic
 from trainers.verify.protocol import hold_until_killed, step_path, worker_parser
 
 
@@ -33,7 +33,7 @@ def record_steps(session: Session) -> None:
             save_atomic(
                 {"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0)
             )
-    for metrics in each_step(trainer, session.steps_left):
+    for metrics in trainer.iter_steps(session.steps_left):
         if session.rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
             record["model"] = trainer.module.state_dict()

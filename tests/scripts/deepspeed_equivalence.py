@@ -26,7 +26,7 @@ from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.deepspeed_trainer import DeepSpeedTrainer
 from trainers.distributed import init_distributed, shutdown
-from trainers.startup import each_step, save_atomic
+from trainers.startup import save_atomic
 from trainers.task import load_task
 
 
@@ -61,7 +61,7 @@ def run_case(spec: str, steps: int, world: int, checkpoints: Path) -> dict:
     states, metrics, error = [trainer.fp32_state_dict()], [], None
     try:
         for step in range(1, steps + 1):
-            (m,) = each_step(trainer, 1)
+            m = trainer.train(1)
             states.append(trainer.fp32_state_dict())
             metrics.append({**m.to_dict(), "calls": dict(trainer.last_collective_calls)})
             if option == "resume" and step == 1:

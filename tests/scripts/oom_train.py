@@ -34,8 +34,7 @@ def main() -> None:
     plan = BatchPlan.solve(16, 8, world_size=2)
     trainer = DDPTrainer.from_task(oom_task(limit=2), plan, shuffle=False, count_collectives=True)
     trainer.enable_oom_fallback()
-    history = []
-    trainer.train(steps, callback=history.append)
+    history = list(trainer.iter_steps(steps))
     if dist.get_rank() == 0:
         torch.save(trainer.module.state_dict(), out + ".pt")
         summary = {

@@ -4,7 +4,7 @@ and two ways to be interrupted at a chosen point:
   --die-at-step S         rank 1 SIGKILLs itself in the middle of step S (first attempt of a
                           torchrun --max-restarts job only: the restarted workers carry on)
   --hang-in-save-at-step S  the checkpoint of step S stops half-written (through the
-                          `_checkpoint_extra_writer` hook that DeepSpeed uses) and touches
+                          strategy's `write_files` seam that DeepSpeed uses) and touches
                           --marker, until the test SIGKILLs the run
 
 `slow_task` is the MLP task of trainers.example with a pause in the loss, so that a kill from
@@ -57,20 +57,18 @@ def main() -> int:
 
     from trainers import DDPTrainer
 
-    class Trainer(DDPTrainer):
-        def _checkpoint_extra_writer(self):
-            def write(tmp_dir: Path) -> None:
-                (tmp_dir / f"extra_rank{dist.get_rank()}.txt").write_text(f"step {self.global_step}\n")
-                if self.global_step == args.hang_in_save_at_step:
-                    Path(args.marker).write_text(str(self.global_step))
-                    time.sleep(600)  # the test kills us here, with the save half done
-
-            return write
+    def write(tmp_dir: Path) -> None:
+        step = int(tmp_dir.name.rsplit("_", 1)[1])  # .tmp-step_00000003
+        (tmp_dir / f"extra_rank{dist.get_rank()}.txt").write_text(f"step {step}\n")
+        if step == args.hang_in_save_at_step:
+            Path(args.marker).write_text(str(step))
+            time.sleep(600)  # the test kills us here, with the save half done
 
     def train(session) -> None:
         from trainers.startup import save_atomic
 
         trainer = session.trainer
+        trainer.strategy.write_files = write  # the seam where DeepSpeed writes its engine files
         if args.die_at_step is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             loss, start, calls = trainer.loss, trainer.global_step, [0]
 
@@ -89,7 +87,7 @@ def main() -> int:
         if session.rank0:
             save_atomic(trainer.module.state_dict(), args.output)
 
-    return run_worker(args, train, prog="resume_train.py", task=slow_task(), trainer_class=Trainer)
+    return run_worker(args, train, prog="resume_train.py", task=slow_task(), trainer_class=DDPTrainer)
 
 
 if __name__ == "__main__":
