@@ -55,7 +55,8 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
         "--collective-timeout",
         type=float,
         metavar="SECONDS",
-        help="a rank that stops answering this long ends the job, which names it (default 300)",
+        help="a rank that stops answering (or never arrives at the rendezvous) this long ends the job, "
+        "which names it (default 300)",
     )
     parser.add_argument(
         "--backend",
@@ -238,4 +239,3 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
