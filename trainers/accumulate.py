@@ -330,6 +330,9 @@ def accumulation_step(
     unequal = len(real) < k or len(set(sizes)) > 1
     if expected_micro_batch_size is not None and mode == MEAN:
         unequal = unequal or any(mb.items != expected_micro_batch_size for mb in real)
+    # one micro-batch in the whole step (the reference): its mean is the global batch's mean,
+    # also when that batch is a partial last one
+    unequal = unequal and k * dp_size > 1
 
     def resolve() -> tuple[float, int, float, float | None]:
         numer, count_all, items_all = (float(x) for x in finish_totals())
