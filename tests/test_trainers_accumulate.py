@@ -78,6 +78,23 @@ def test_one_micro_batch_per_step_never_warns_even_when_the_last_batch_is_partia
         list(DDPTrainer.from_task(mlp_task(n=100), plan, log=False, shuffle=False).iter_steps(7))
 
 
+@pytest.mark.parametrize("with_count", [True, False], ids=["Task.count", "loss-count"])
+def test_a_step_whose_global_count_is_zero_is_an_error_naming_it(world_of_one, with_count):
+    from trainers.accumulate import ZeroCountError
+
+    task = make_task("sum", with_count=with_count)
+    inner = task.loss
+    task.loss = lambda model, batch: (inner(model, batch)[0], 0)
+    if with_count:
+        task.count = lambda batch: 0
+    plan = BatchPlan.solve(12, 2, world_size=1)
+    for trainer in (ReferenceTrainer.from_task(task, plan), DDPTrainer.from_task(task, plan, log=False)):
+        before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        with pytest.raises(ZeroCountError, match=r"^step 1: the optimizer step's global count is 0 "):
+            trainer.train(1)
+        assert compare_states(before, trainer.module.state_dict())["max_abs_diff"] == 0.0
+
+
 def test_reported_loss_is_the_global_mean_not_divided_by_k(world_of_one):
     plan = BatchPlan.solve(16, 4, world_size=1)  # accumulation 4, equal micro-batches: mean loss exact
     ref, ddp, history = train_pair(mlp_task, 3, plan, track_grad_norm=True)

@@ -146,6 +146,21 @@ def task_whose_loss_returns_a_string():
     return task
 
 
+def task_counting_nothing():
+    """A (loss_sum, count) loss whose count is always 0: no step can be averaged."""
+    from trainers.example import mlp_sum_task
+
+    task = mlp_sum_task()
+    inner = task.loss
+
+    def loss(model, batch):
+        loss_sum, _ = inner(model, batch)
+        return loss_sum, 0
+
+    task.loss = loss
+    return task
+
+
 @pytest.mark.parametrize(
     ("function", "message"),
     [
@@ -157,6 +172,7 @@ def task_whose_loss_returns_a_string():
             "the loss of task tests.test_verify:task_whose_loss_returns_a_string "
             "(task_whose_loss_returns_a_string.<locals>.string_loss) returned 'oops' (str)",
         ),
+        ("task_counting_nothing", "step 1: the optimizer step's global count is 0 (the loss's counts summed"),
     ],
 )
 def test_a_task_that_breaks_the_contract_exits_2_naming_the_function_and_what_it_did(tmp_path, function, message):
