@@ -166,7 +166,10 @@ def start(args: argparse.Namespace, task: Task | None = None, trainer_class: typ
     if plan is not None:  # before the rendezvous: every rank refuses at once, nobody waits
         check_flags_agree_with_plan(args, plan, f"${PLAN_ENV_VAR}={os.environ[PLAN_ENV_VAR]}")
     info = init_distributed(plan, collective_timeout=timeout)  # plan: its world size is checked now
-    resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir) if args.resume else None
+    resume_from = None
+    if args.resume:
+        start_over = getattr(args, "start_over_if_corrupt", False)
+        resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir, start_over_if_corrupt=start_over)
     if plan is None:
         plan = resolve_worker_plan(args, info.world_size, resume_from)
     cls = trainer_class or registered_class(args.backend)
