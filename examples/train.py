@@ -11,10 +11,11 @@
     gradaccum launch --nproc-per-node 2 --global-batch-size 24 --micro-batch-size 4 -- examples/train.py \
         --task trainers.hf_example:gpt2_task --log-dir runs/gpt2 --num-workers 1   # metrics.csv, data workers
 
-The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it, else from the
-flags with the live world size. Rank 0 prints one line per optimizer step (and, with
---log-dir DIR, writes DIR/metrics.csv; a progress bar when stderr is a terminal, unless
---no-progress) and, with --output FILE, saves the final model state_dict (the task model's own keys). --steps is the
+The batch plan comes from $GRADACCUM_PLAN when a gradaccum launcher set it (a batch flag that
+disagrees with it is an error naming both values), else from the flags with the live world
+size. Rank 0 prints one line per optimizer step (and, with --log-dir DIR, writes
+DIR/metrics.csv; a progress bar when stderr is a terminal, unless --no-progress) and, with
+--output FILE, saves the final model state_dict (the task model's own keys). --steps is the
 total: a resumed run trains the steps left. SIGUSR1 or SIGTERM on any rank: every rank stops
 after the same step, writes a checkpoint (with --checkpoint-dir) and exits 0.
 """

@@ -40,3 +40,16 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def processes_naming(text: str) -> list[str]:
+    """Live processes (not zombies) whose command line mentions `text`, such as a test's
+    tmp_path: what a test would leave behind. Each as "pid: command line"."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if text in cmdline and p.info["status"] != psutil.STATUS_ZOMBIE and p.pid != os.getpid():
+            found.append(f"{p.pid}: {cmdline}")
+    return found

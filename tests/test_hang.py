@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, processes_naming, run_cli
 
 SLEEP_RANK = "GRADACCUM_TEST_SLEEP_RANK"
 SLEEP_AT_CALL = "GRADACCUM_TEST_SLEEP_AT_CALL"
@@ -163,3 +163,54 @@ def test_mismatch_message_groups_ranks_by_value():
     assert 'plan.precision: "fp32" on ranks 0, 2; "bf16" on rank 1' in text
     assert "steps: 4 on ranks 0, 2; 5 on rank 1" in text
     assert "dataset_length" not in text
+
+
+# ------------------------------------------------------- a peer that never arrives
+def lone_rank(tmp_path: Path, rank: int, port: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Rank `rank` of 2 started alone (its peer never comes): (result, seconds it ran)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    for name in ("GRADACCUM_PLAN", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(name, None)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    argv = [sys.executable, str(REPO / "examples" / "train.py"), "--global-batch-size=8", "--micro-batch-size=2"]
+    argv += ["--steps=1", "--output", str(tmp_path / "final.pt"), *args]
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=150, env=env, cwd=REPO)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(("rank", "missing"), [(0, "rank 1 never arrived"), (1, "rank 0 never arrived")])
+def test_a_rank_whose_peer_never_arrives_exits_within_the_timeout_naming_it(tmp_path, port, rank, missing):
+    result, seconds = lone_rank(tmp_path, rank, port, "--collective-timeout=4")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # one line: no traceback, no C++ frames
+    assert f"train.py (rank {rank}): error: rendezvous at 127.0.0.1:{port}: rank {rank} of 2 waited 4 s" in lines[0]
+    assert missing in lines[0]
+    # the 4 s bound, plus starting Python and importing torch on a loaded machine
+    assert seconds < 4 + 60, seconds
+    assert not (tmp_path / "final.pt").exists()
+    assert processes_naming(str(tmp_path)) == []
+
+
+def test_the_rendezvous_names_every_rank_that_did_not_come(port):
+    """In-process, rank 0 of 3 alone: ranks 1 and 2 are named, with the address and port."""
+    from trainers.rendezvous import RendezvousTimeout, rendezvous
+
+    started = time.monotonic()
+    with pytest.raises(RendezvousTimeout) as error:
+        rendezvous(0, 3, "127.0.0.1", port, 1.0)
+    assert time.monotonic() - started < 10
+    assert f"rendezvous at 127.0.0.1:{port}: rank 0 of 3 waited 1 s and ranks 1, 2 never arrived" in str(error.value)
+
+
+def test_the_rendezvous_is_bounded_by_default():
+    """No --collective-timeout: the stated default bounds the rendezvous (docs/precision-and-hangs.md)."""
+    from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, DEFAULT_RENDEZVOUS_TIMEOUT_S
+
+    assert DEFAULT_RENDEZVOUS_TIMEOUT_S == DEFAULT_COLLECTIVE_TIMEOUT_S == 300
+    docs = (REPO / "docs" / "precision-and-hangs.md").read_text()
+    assert "waits 300 s for a missing peer" in docs

@@ -16,7 +16,7 @@ import pytest
 
 from launcher.configs import deepspeed_config
 from launcher.plan import BatchPlan
-from tests.conftest import REPO, gradaccum_argv, run_cli
+from tests.conftest import REPO, gradaccum_argv, processes_naming, run_cli
 
 PROBE = REPO / "tests" / "scripts" / "dist_probe.py"
 PLAN_FLAGS = ["--global-batch-size", "8", "--micro-batch-size", "2"]
@@ -235,3 +235,51 @@ def test_mpirun_training_matches_the_reference(tmp_path, reference_state):
     assert re.findall(r"allreduce_rounds (\d+)", r.stdout) == ["1"] * STEPS  # accumulation 2, one sync per step
     diff = compare_states(reference_state, torch.load(output, weights_only=True))
     assert diff["max_rel_diff"] <= 1e-5, f"mpirun training differs from the reference: {diff}"
+
+
+# ------------------------------------------- the script's batch flags and the launcher's plan
+def _launch_train(tmp_path, *script_args):
+    return run_cli(
+        "launch",
+        "--launcher",
+        "local",
+        "--nproc-per-node",
+        "2",
+        *PLAN_FLAGS,
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--",
+        str(TRAIN),
+        "--steps",
+        "1",
+        "--output",
+        str(tmp_path / "final.pt"),
+        *script_args,
+        timeout=200,
+        cwd=tmp_path,
+    )
+
+
+def test_a_script_batch_flag_that_disagrees_with_the_plan_is_an_error_naming_both(tmp_path):
+    # the plan says global 8 = micro 2 × accumulation 2 × 2 ranks; the script was told 32 and 4
+    r = _launch_train(
+        tmp_path, "--global-batch-size", "32", "--micro-batch-size", "2", "--gradient-accumulation-steps", "4"
+    )
+    assert r.returncode != 0, r.stderr[-4000:]
+    errors = [line for line in r.stderr.splitlines() if "train.py (rank" in line]
+    assert errors, r.stderr[-4000:]  # one line per rank that got there first (the launcher stops the rest)
+    for line in errors:
+        assert "--global-batch-size 32 but the plan has 8" in line
+        assert "--gradient-accumulation-steps 4 but the plan has 2" in line
+        assert "--micro-batch-size" not in line  # it agrees
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "final.pt").exists()
+    assert processes_naming(str(tmp_path)) == []
+
+
+def test_script_batch_flags_that_agree_with_the_plan_are_fine(tmp_path):
+    r = _launch_train(tmp_path, "--global-batch-size", "8", "--micro-batch-size", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert re.findall(r"items (\d+)", r.stdout) == ["8"]  # one step of the plan's global batch
+    assert (tmp_path / "final.pt").exists()
+    assert processes_naming(str(tmp_path)) == []

@@ -172,6 +172,39 @@ def test_train_script_names_the_damaged_file_and_exits_2(tmp_path):
     assert "rng_rank00000.pt is truncated or altered" in r.stderr and "Traceback" not in r.stderr
 
 
+def _train_script(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "GRADACCUM_PLAN"}
+    argv = [sys.executable, "examples/train.py", "--task=trainers.example:mlp_task", "--global-batch-size=12", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.mark.timeout(200)
+def test_resume_auto_when_every_checkpoint_is_damaged_is_an_error_unless_asked_to_start_over(tmp_path):
+    trainer = ReferenceTrainer.from_task(mlp_task(), 12)
+    trainer.checkpoint_dir, trainer.checkpoint_every = tmp_path, 1
+    trainer.train(2)
+    (tmp_path / "step_00000001" / "trainer.pt").write_bytes(b"garbage")
+    (tmp_path / "step_00000002" / "manifest.json").unlink()
+    flags = (f"--checkpoint-dir={tmp_path}", "--resume=auto", "--steps=3", f"--output={tmp_path / 'final.pt'}")
+
+    r = _train_script(*flags)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "holds 2 checkpoint(s) and none can be loaded" in errors[0]
+    assert "step_00000002: " in errors[0] and "manifest.json is missing" in errors[0]  # each one, and why
+    assert "step_00000001: " in errors[0] and "trainer.pt is truncated or altered" in errors[0]
+    assert "--start-over-if-corrupt" in errors[0]
+    assert not (tmp_path / "final.pt").exists() and not (tmp_path / "step_00000003").exists()
+
+    r = _train_script(*flags, "--start-over-if-corrupt")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("gradaccum: warning: skipping checkpoint") == 2
+    assert "none is left: starting over at step 0" in r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("step ")] == ["1", "2", "3"]
+    assert (tmp_path / "final.pt").exists()
+
+
 def test_checkpoint_flags_are_checked():
     import argparse
 
@@ -184,6 +217,7 @@ def test_checkpoint_flags_are_checked():
         (["--checkpoint-every", "2"], "--checkpoint-every needs --checkpoint-dir"),
         (["--checkpoint-dir", "d", "--keep-last", "0"], "--keep-last must be at least 1"),
         (["--checkpoint-dir", "d", "--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+        (["--checkpoint-dir", "d", "--start-over-if-corrupt"], "--start-over-if-corrupt goes with --resume auto"),
     ]:
         with pytest.raises(UserError, match=message):
             check_checkpoint_args(p.parse_args(argv))

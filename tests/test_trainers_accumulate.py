@@ -6,6 +6,7 @@ test_verify.py; here a world of one process (in-memory store) keeps them fast.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import pytest
@@ -60,6 +61,38 @@ def test_scalar_mean_loss_differs_and_warns_once(world_of_one):
     assert len([w for w in caught if issubclass(w.category, LossNormalisationWarning)]) == 1
     assert "(loss_sum, count)" in str(caught[0].message)
     assert compare_states(ref.module.state_dict(), ddp.module.state_dict())["max_rel_diff"] > 1e-3
+
+
+def test_one_micro_batch_per_step_never_warns_even_when_the_last_batch_is_partial(world_of_one):
+    """The reference (one micro-batch, one rank) takes the mean over the whole global batch, a
+    partial last one included: exact, so no LossNormalisationWarning. Accumulating over 4
+    micro-batches, the same partial batch does warn (3 empty micro-steps)."""
+    plan = BatchPlan.solve(16, 4, world_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = list(ReferenceTrainer.from_task(mlp_task(n=100), plan, shuffle=False).iter_steps(7))
+    assert [m.items for m in history] == [16] * 6 + [4]
+    assert not any(m.unequal_micro_batches for m in history)
+    assert not [w for w in caught if issubclass(w.category, LossNormalisationWarning)]
+    with pytest.warns(LossNormalisationWarning):
+        list(DDPTrainer.from_task(mlp_task(n=100), plan, log=False, shuffle=False).iter_steps(7))
+
+
+@pytest.mark.parametrize("with_count", [True, False], ids=["Task.count", "loss-count"])
+def test_a_step_whose_global_count_is_zero_is_an_error_naming_it(world_of_one, with_count):
+    from trainers.accumulate import ZeroCountError
+
+    task = make_task("sum", with_count=with_count)
+    inner = task.loss
+    task.loss = lambda model, batch: (inner(model, batch)[0], 0)
+    if with_count:
+        task.count = lambda batch: 0
+    plan = BatchPlan.solve(12, 2, world_size=1)
+    for trainer in (ReferenceTrainer.from_task(task, plan), DDPTrainer.from_task(task, plan, log=False)):
+        before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        with pytest.raises(ZeroCountError, match=r"^step 1: the optimizer step's global count is 0 "):
+            trainer.train(1)
+        assert compare_states(before, trainer.module.state_dict())["max_abs_diff"] == 0.0
 
 
 def test_reported_loss_is_the_global_mean_not_divided_by_k(world_of_one):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import run_cli
+from tests.conftest import processes_naming, run_cli
 from trainers.verify import compare_states, diagnose
 
 
@@ -119,6 +119,111 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, args, messa
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "report.json").exists()
+
+
+# --------------------------------------- task functions that do not keep the contract
+def task_that_exits():
+    raise SystemExit(0)
+
+
+def task_that_raises():
+    raise ValueError("no data in /nowhere")
+
+
+def task_that_returns_none():
+    return None
+
+
+def task_whose_loss_returns_a_string():
+    from trainers.example import mlp_sum_task
+
+    task = mlp_sum_task()
+
+    def string_loss(model, batch):
+        return "oops"
+
+    task.loss = string_loss
+    return task
+
+
+def task_counting_nothing():
+    """A (loss_sum, count) loss whose count is always 0: no step can be averaged."""
+    from trainers.example import mlp_sum_task
+
+    task = mlp_sum_task()
+    inner = task.loss
+
+    def loss(model, batch):
+        loss_sum, _ = inner(model, batch)
+        return loss_sum, 0
+
+    task.loss = loss
+    return task
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("task_that_exits", "the task function tests.test_verify:task_that_exits() called sys.exit(0) (at "),
+        ("task_that_raises", "tests.test_verify:task_that_raises() raised ValueError: no data in /nowhere (at "),
+        ("task_that_returns_none", "tests.test_verify:task_that_returns_none() returned None (NoneType)"),
+        (
+            "task_whose_loss_returns_a_string",
+            "the loss of task tests.test_verify:task_whose_loss_returns_a_string "
+            "(task_whose_loss_returns_a_string.<locals>.string_loss) returned 'oops' (str)",
+        ),
+        ("task_counting_nothing", "step 1: the optimizer step's global count is 0 (the loss's counts summed"),
+    ],
+)
+def test_a_task_that_breaks_the_contract_exits_2_naming_the_function_and_what_it_did(tmp_path, function, message):
+    out = tmp_path / "out"
+    result = run_cli("verify", "--task", f"tests.test_verify:{function}", "--steps", "1", "--output-dir", str(out))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "report.json").exists()
+
+
+def task_failing_on_rank_1():
+    """The MLP task; the worker of rank 1 fails in its first loss call (the reference does not)."""
+    import os
+
+    from trainers.example import mlp_sum_task
+
+    task = mlp_sum_task()
+    inner = task.loss
+
+    def loss(model, batch):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("rank 1 fails on purpose")
+        return inner(model, batch)
+
+    task.loss = loss
+    return task
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_reused_output_dir_holds_only_the_last_runs_files(tmp_path):
+    args = ("verify", "--json", "--steps=2", "--output-dir", str(tmp_path))
+    first = run_cli(*args, "--task=trainers.example:mlp_sum_task")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "loss-curve.png").exists() and (tmp_path / "distributed.pt").exists()
+    (tmp_path / "notes.txt").write_text("mine")  # not verify's: stays
+
+    failed = run_cli(*args, "--task=tests.test_verify:task_failing_on_rank_1")
+    assert failed.returncode == 1, failed.stderr
+    report = json.loads(failed.stdout)
+    assert report["passed"] is False and report["worker_exit_status"] != 0 and report["steps"] == []
+    # no earlier loss curve, no distributed.pt holding the initial weights: the failed run took no step
+    assert not (tmp_path / "loss-curve.png").exists()
+    assert not (tmp_path / "distributed.pt").exists()
+    assert set(report["files"]) == {"initial", "reference", "report", "plan"}
+    assert all((tmp_path / name).is_file() for name in ("initial.pt", "reference.pt", "report.json", "plan.json"))
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert processes_naming(str(tmp_path)) == []
 
 
 def test_worker_flags_are_built_and_parsed_from_one_definition(monkeypatch):

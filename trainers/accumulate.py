@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from launcher.errors import UserError
+
 MEAN, SUM = "mean", "sum"
 
 
@@ -147,6 +149,21 @@ class AccumulationHooks:
     agree_oom: Callable[[bool], bool] | None = None
 
 
+class ZeroCountError(UserError):
+    """The loss's counts sum to zero (or less) over a whole optimizer step on all ranks: the
+    update would be divided by zero, so no parameter would move while the run looks fine."""
+
+
+def check_global_count(global_count: float) -> None:
+    """Every rank holds the same all-reduced count, so every rank raises together (no hang)."""
+    if not global_count > 0:
+        raise ZeroCountError(
+            f"the optimizer step's global count is {global_count:g} (the loss's counts summed over every "
+            "micro-batch and rank): there is nothing to average over, so the step would not update the "
+            "model. Check Task.count and the count the loss returns (e.g. all targets padding or ignored)"
+        )
+
+
 class MicroBatchOutOfMemory(RuntimeError):
     """Some rank ran out of memory in a micro-step; no rank reduced or applied gradients."""
 
@@ -237,7 +254,8 @@ def accumulation_step(
         hooks.progress(None, "counts")
         total = hooks.all_reduce_sum(torch.tensor([expected_local], dtype=torch.float64, device=device))
         global_count = float(total[0])
-        pre_scale = dp_size / global_count if global_count > 0 else 0.0
+        check_global_count(global_count)
+        pre_scale = dp_size / global_count
 
     # this rank's loss numerators and counts, detached, never synced per micro-step
     numerators: list[torch.Tensor] = []
@@ -321,7 +339,8 @@ def accumulation_step(
         finish_totals = lambda: done  # noqa: E731
         if gradients_need_totals:
             global_count = float(done[1])
-            hooks.scale_gradients(dp_size / global_count if global_count > 0 else 0.0)
+            check_global_count(global_count)
+            hooks.scale_gradients(dp_size / global_count)
     hooks.progress(None, "optimizer step")
     norm = hooks.step()
 
@@ -330,6 +349,9 @@ def accumulation_step(
     unequal = len(real) < k or len(set(sizes)) > 1
     if expected_micro_batch_size is not None and mode == MEAN:
         unequal = unequal or any(mb.items != expected_micro_batch_size for mb in real)
+    # one micro-batch in the whole step (the reference): its mean is the global batch's mean,
+    # also when that batch is a partial last one
+    unequal = unequal and k * dp_size > 1
 
     def resolve() -> tuple[float, int, float, float | None]:
         numer, count_all, items_all = (float(x) for x in finish_totals())

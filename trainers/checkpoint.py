@@ -210,15 +210,30 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint under `root` that verifies; warns about newer ones that do not."""
+def latest_checkpoint(root: str | os.PathLike[str], *, start_over_if_corrupt: bool = False) -> Path | None:
+    """The newest checkpoint under `root` that verifies; warns about newer ones that do not.
+
+    None when there is no checkpoint yet (a first start). When checkpoints exist but none
+    verifies, starting at step 0 would silently throw the run away: CheckpointError listing
+    each one and why, unless `start_over_if_corrupt` (then a warning per checkpoint, None).
+    """
+    damaged: list[str] = []
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
         except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            damaged.append(f"{path.name}: {e}")
             continue
+        for why in damaged:
+            warnings.warn(f"skipping checkpoint {why}", stacklevel=2)
         return path
+    if damaged and not start_over_if_corrupt:
+        raise CheckpointError(
+            f"{root} holds {len(damaged)} checkpoint(s) and none can be loaded: {'; '.join(damaged)}. "
+            "Repair or move them away to resume, or pass --start-over-if-corrupt to start again at step 0"
+        )
+    for why in damaged:
+        warnings.warn(f"skipping checkpoint {why}; none is left: starting over at step 0", stacklevel=2)
     return None
 
 

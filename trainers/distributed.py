@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
@@ -90,7 +91,9 @@ def init_distributed(
     """Initialise torch.distributed once (no-op when already done) and check the world size.
 
     `timeout_s` is the process group's timeout; `collective_timeout` (the watchdog's) sets
-    it to `process_group_timeout(collective_timeout)` when `timeout_s` is not given.
+    it to `process_group_timeout(collective_timeout)` when `timeout_s` is not given. Every
+    rank must arrive at the rendezvous within `collective_timeout` (else `timeout_s`, else
+    DEFAULT_RENDEZVOUS_TIMEOUT_S), or each raises RendezvousTimeout naming who did not.
     """
     global _launcher
     if timeout_s is None and check_collective_timeout(collective_timeout) is not None:
@@ -104,8 +107,14 @@ def init_distributed(
         if _launcher is None and world == 1:
             # A plain `python script.py`: a private in-memory store, no port to collide on.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
-        else:
-            dist.init_process_group(backend, init_method="env://", **kwargs)
+        else:  # env:// waits for a missing peer for 30 minutes in silence: a bounded rendezvous instead
+            from trainers.rendezvous import env_endpoint, rendezvous
+
+            rank, addr, port = env_endpoint()
+            bound = collective_timeout or timeout_s or DEFAULT_RENDEZVOUS_TIMEOUT_S
+            store = rendezvous(rank, world, addr, port, bound)
+            store.set_timeout(kwargs.get("timeout", default_pg_timeout))  # what env:// would set
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kwargs)
     live = dist.get_world_size()
     if plan is not None and live != plan.world_size:
         raise WorldSizeMismatch(mismatch_message(plan, live, _launcher))
@@ -159,6 +168,8 @@ def log_rank0(message: str) -> None:
 #: default --collective-timeout: long enough for a slow step or a checkpoint, short enough
 #: that a stuck job gives its allocation back within minutes
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+#: how long a rank waits at the rendezvous for the others when no timeout is given
+DEFAULT_RENDEZVOUS_TIMEOUT_S = DEFAULT_COLLECTIVE_TIMEOUT_S
 #: exit status of a rank ended by the watchdog (as GNU timeout)
 HANG_EXIT_STATUS = 124
 

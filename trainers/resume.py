@@ -76,24 +76,34 @@ def _barrier():
 
 # ------------------------------------------------------------------ which checkpoint
 def find_checkpoint(
-    resume: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
+    resume: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    *,
+    start_over_if_corrupt: bool = False,
 ) -> Path | None:
     """This process's answer: "auto" -> the newest complete checkpoint under `checkpoint_dir`
-    (None when there is none yet: a first start); a path -> that checkpoint, or a root's newest."""
+    (None when there is none yet: a first start; an error when there are some but none loads,
+    unless `start_over_if_corrupt`); a path -> that checkpoint, or a root's newest."""
     if str(resume) == AUTO and checkpoint_dir is None:
         raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
     # Damaged checkpoints are skipped with a warning: say it as a log line, not as a
     # Python warning pointing into this file.
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
-        found = latest_checkpoint(checkpoint_dir) if str(resume) == AUTO else resolve_checkpoint(resume)
+        if str(resume) == AUTO:
+            found = latest_checkpoint(checkpoint_dir, start_over_if_corrupt=start_over_if_corrupt)
+        else:
+            found = resolve_checkpoint(resume)
     for warning in skipped:
         print(f"gradaccum: warning: {warning.message}", file=sys.stderr, flush=True)
     return found
 
 
 def agree_on_checkpoint(
-    resume: str | os.PathLike[str] | None, checkpoint_dir: str | os.PathLike[str] | None = None
+    resume: str | os.PathLike[str] | None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    *,
+    start_over_if_corrupt: bool = False,
 ) -> Path | None:
     """`find_checkpoint` on rank 0, broadcast to every rank (so all load the same one).
 
@@ -103,13 +113,13 @@ def agree_on_checkpoint(
         return None
     rank, world = _group()
     if world == 1:
-        return find_checkpoint(resume, checkpoint_dir)
+        return find_checkpoint(resume, checkpoint_dir, start_over_if_corrupt=start_over_if_corrupt)
     import torch.distributed as dist
 
     answer: list[Any] = [None]
     if rank == 0:
         try:
-            found = find_checkpoint(resume, checkpoint_dir)
+            found = find_checkpoint(resume, checkpoint_dir, start_over_if_corrupt=start_over_if_corrupt)
             answer = [("path", str(found) if found is not None else None)]
         except UserError as e:
             answer = [("error", str(e))]
@@ -366,8 +376,15 @@ def add_checkpoint_args(parser: Any) -> None:
     g.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="auto: the newest complete checkpoint under --checkpoint-dir (none yet: start at step 0); "
-        "PATH: that checkpoint, or the newest complete one under that root",
+        help="auto: the newest complete checkpoint under --checkpoint-dir (none yet: start at step 0; "
+        "some but none loads: an error listing them); PATH: that checkpoint, or the newest complete one "
+        "under that root",
+    )
+    g.add_argument(
+        "--start-over-if-corrupt",
+        action="store_true",
+        help="with --resume auto: when every checkpoint under --checkpoint-dir is damaged, warn and start "
+        "at step 0 instead of stopping",
     )
     g.add_argument(
         "--lr-scaling",
@@ -387,6 +404,8 @@ def check_checkpoint_args(args: Any) -> dict[str, Any]:
         raise UserError("--checkpoint-every needs --checkpoint-dir")
     if args.resume == AUTO and args.checkpoint_dir is None:
         raise UserError("--resume auto needs --checkpoint-dir (where to look for checkpoints)")
+    if getattr(args, "start_over_if_corrupt", False) and args.resume != AUTO:
+        raise UserError("--start-over-if-corrupt goes with --resume auto (it says what to do when no checkpoint loads)")
     return {
         "checkpoint_dir": args.checkpoint_dir,
         "checkpoint_every": args.checkpoint_every,

@@ -6,8 +6,9 @@
     sys.exit(run_worker(parse_args(), train, prog="train.py"))
 
 `run_worker` does, in this order: validate the checkpoint flags and the collective timeout;
-read the plan ($GRADACCUM_PLAN when a gradaccum launcher set it, else the flags with the live
-world size; a resumed run re-solves the checkpoint's plan for this world size); initialise
+read the plan ($GRADACCUM_PLAN when a gradaccum launcher set it, where a batch flag that
+disagrees with it is an error; else the flags with the live world size; a resumed run
+re-solves the checkpoint's plan for this world size); initialise
 torch.distributed; agree on the checkpoint (rank 0 finds it, every rank loads the same);
 build the trainer of `--backend` (launcher.trainer_backends, through trainers.registry) with
 `from_task`; resume; install the SIGUSR1/SIGTERM stop handlers; preflight (ranks agree on
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
-from launcher.plan import PRECISIONS, BatchPlan
+from launcher.plan import PLAN_ENV_VAR, PRECISIONS, BatchPlan
 from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, trainer_backend, zero_stages
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
         "--collective-timeout",
         type=float,
         metavar="SECONDS",
-        help="a rank that stops answering this long ends the job, which names it (default 300)",
+        help="a rank that stops answering (or never arrives at the rendezvous) this long ends the job, "
+        "which names it (default 300)",
     )
     parser.add_argument(
         "--backend",
@@ -136,6 +138,35 @@ def resolve_worker_plan(args: argparse.Namespace, world_size: int, resume_from: 
     return BatchPlan.solve(g, m, k, world_size=world_size)
 
 
+#: the script's batch flags and the plan fields they set
+BATCH_FLAGS = (
+    ("global_batch_size", "--global-batch-size"),
+    ("micro_batch_size", "--micro-batch-size"),
+    ("gradient_accumulation_steps", "--gradient-accumulation-steps"),
+)
+
+
+def check_flags_agree_with_plan(args: argparse.Namespace, plan: BatchPlan, source: str) -> None:
+    """A batch flag the script was given must say what the launcher's plan says.
+
+    The launcher's plan wins (every rank and the DeepSpeed JSON were made from it), so a
+    flag that disagrees would otherwise be silently ignored: refuse it, naming both values.
+    Flags that agree are fine (a script line that works with and without the launcher).
+    """
+    differ = [
+        f"{flag} {given} but the plan has {getattr(plan, name)}"
+        for name, flag in BATCH_FLAGS
+        if (given := getattr(args, name, None)) is not None and given != getattr(plan, name)
+    ]
+    if differ:
+        raise UserError(
+            f"the script's batch flags disagree with the launcher's plan ({source}: global "
+            f"{plan.global_batch_size} = micro {plan.micro_batch_size} × accumulation "
+            f"{plan.gradient_accumulation_steps} × data-parallel {plan.data_parallel_size}): {'; '.join(differ)}. "
+            "Give the batch sizes to `gradaccum launch` (it writes the plan), or drop them from the script's arguments"
+        )
+
+
 def _backend_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The trainer arguments only some backends take, checked against the registry."""
     backend = trainer_backend(args.backend)
@@ -158,8 +189,13 @@ def start(args: argparse.Namespace, task: Task | None = None, trainer_class: typ
     timeout = check_collective_timeout(args.collective_timeout) or DEFAULT_COLLECTIVE_TIMEOUT_S
     extra = _backend_kwargs(args)
     plan = BatchPlan.from_env()
+    if plan is not None:  # before the rendezvous: every rank refuses at once, nobody waits
+        check_flags_agree_with_plan(args, plan, f"${PLAN_ENV_VAR}={os.environ[PLAN_ENV_VAR]}")
     info = init_distributed(plan, collective_timeout=timeout)  # plan: its world size is checked now
-    resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir) if args.resume else None
+    resume_from = None
+    if args.resume:
+        start_over = getattr(args, "start_over_if_corrupt", False)
+        resume_from = agree_on_checkpoint(args.resume, args.checkpoint_dir, start_over_if_corrupt=start_over)
     if plan is None:
         plan = resolve_worker_plan(args, info.world_size, resume_from)
     cls = trainer_class or registered_class(args.backend)

@@ -40,6 +40,7 @@ from trainers.accumulate import (
     MicroBatch,
     MicroBatchOutOfMemory,
     StepMetrics,
+    ZeroCountError,
     accumulation_step,
 )
 from trainers.batching import PlanChanges, agree_any
@@ -343,16 +344,19 @@ class Trainer:
         hang = self.hang
         if hang.watchdog is not None:
             hang.begin_step(self.global_step + 1, k)
-        metrics = accumulation_step(
-            strategy.model,
-            wrapped,
-            self.loss,
-            self._hooks,
-            dp_size=self.plan.data_parallel_size,
-            count_fn=self.count,
-            expected_micro_batch_size=self.plan.micro_batch_size,
-            device=device,
-        )
+        try:
+            metrics = accumulation_step(
+                strategy.model,
+                wrapped,
+                self.loss,
+                self._hooks,
+                dp_size=self.plan.data_parallel_size,
+                count_fn=self.count,
+                expected_micro_batch_size=self.plan.micro_batch_size,
+                device=device,
+            )
+        except ZeroCountError as e:
+            raise ZeroCountError(f"step {self.global_step + 1}: {e}") from None
         self.global_step += 1
         metrics.step, metrics.lr = self.global_step, lr
         strategy.end_step(metrics)

@@ -10,8 +10,13 @@ Layout of the output directory:
     DIR/checkpoints/                   --interrupt-at-step: the run's checkpoints
     DIR/metrics.csv                    rank 0: one row per optimizer step of the distributed run
                                        (appended by a resumed run; trainers/metrics_log.py)
+    DIR/initial.pt reference.pt distributed.pt report.json loss-curve.png   the results
 
-Every file is written under a temporary name and renamed (save_atomic, write_json_atomic). The worker's command line is
+A run owns these: `clear_previous_run` removes an earlier run's before anything is written,
+so a directory never mixes two runs (a failed run leaves no earlier loss curve behind);
+checkpoints/ is cleared by --interrupt-at-step only (without it, the directory may be the
+user's own). Every file is written under a temporary name and renamed (save_atomic,
+write_json_atomic). The worker's command line is
 `WorkerArgs`: the parent builds argv with `to_argv()`, the worker parses it with
 `worker_parser()`, whose flags are the fields' names (tests check the round trip).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,6 +40,27 @@ STEPS_DIR = "distributed-steps"
 HELD = "held.json"  # written by rank 0 when every rank holds after step S
 CHECKPOINTS_DIR = "checkpoints"
 HOLD_LIMIT_S = 300.0
+
+
+#: the files a verify run writes into its output directory (besides STEPS_DIR)
+RESULT_FILES = (
+    "initial.pt",
+    "reference.pt",
+    "distributed.pt",
+    "report.json",
+    "plan.json",
+    "loss-curve.png",
+    "metrics.csv",  # trainers.metrics_log.CSV_NAME: a new run must not append to an old one's rows
+)
+RESULT_GLOBS = ("plan-resumed-world*.json", "events.out.tfevents.*")
+
+
+def clear_previous_run(out: Path) -> None:
+    """Remove what an earlier verify run wrote into `out` (and nothing else)."""
+    for path in [out / name for name in RESULT_FILES] + [p for g in RESULT_GLOBS for p in out.glob(g)]:
+        path.unlink(missing_ok=True)
+    if (out / STEPS_DIR).is_dir():
+        shutil.rmtree(out / STEPS_DIR)
 
 
 def step_path(directory: str | os.PathLike[str], step: int) -> Path:

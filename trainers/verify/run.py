@@ -11,7 +11,6 @@ likely wrong when the run does not match.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ from trainers.reference import ReferenceTrainer
 from trainers.startup import save_atomic
 from trainers.task import Task, load_task
 from trainers.verify.compare import compare_states, diagnose
-from trainers.verify.protocol import STEPS_DIR, WorkerArgs, load_steps, plan_path
+from trainers.verify.protocol import STEPS_DIR, WorkerArgs, clear_previous_run, load_steps, plan_path
 from trainers.verify.report import Interruption, StepReport, VerifyReport, plot_losses
 
 
@@ -86,13 +85,8 @@ def run_distributed(
     from launcher.run import format_command, run_command
 
     steps_dir = out / STEPS_DIR
-    if fresh:
-        if steps_dir.exists():
-            shutil.rmtree(steps_dir)  # stale steps of an earlier run must not be compared
-        (out / CSV_NAME).unlink(missing_ok=True)  # nor its metrics rows appended to
-        for old in out.glob("events.out.tfevents.*"):  # nor its TensorBoard curves shown
-            old.unlink()
-        steps_dir.mkdir(parents=True)
+    if fresh:  # an earlier run's steps, metrics rows and curves went with clear_previous_run
+        steps_dir.mkdir(parents=True, exist_ok=True)
     plan_file = plan_path(out, plan.world_size, resumed=not fresh)
     write_json_atomic(plan_file, plan.to_dict())
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.world_size}"]
@@ -145,6 +139,7 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
     out = Path(opts.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        clear_previous_run(out)  # a run owns its files: never mix them with an earlier run's
     except OSError as e:
         raise UserError(f"cannot create --output-dir {out}: {e.strerror}") from None
     log(
@@ -210,10 +205,9 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
         problems.append(f"the distributed run wrote {len(steps)} of {opts.steps} steps")
     report.diagnostics = problems + (diagnose(model, report.to_dict(), final_cmp) if not report.passed else [])
 
-    if records:
-        save_atomic(records[-1]["model"], out / "distributed.pt")
     files = {"initial": "initial.pt", "reference": "reference.pt", "report": "report.json", "plan": "plan.json"}
-    if records:
+    if len(records) > 1:  # the state after the last step the run took; never its initial weights
+        save_atomic(records[-1]["model"], out / "distributed.pt")
         files["distributed"] = "distributed.pt"
     if (out / CSV_NAME).exists():
         files["metrics"] = CSV_NAME
