@@ -64,6 +64,7 @@ def worker_args(opts: VerifyOptions, out: Path, **extra: Any) -> WorkerArgs:
         backend=opts.backend,
         zero_stage=opts.zero_stage,
         deepspeed_config=str(Path(opts.deepspeed_config).resolve()) if opts.deepspeed_config else None,
+        fsdp_blocks=opts.fsdp_blocks,
         **extra,
     )
 
@@ -135,6 +136,10 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: a task module in the current directory
     task = load_task(opts.task)
+    if opts.fsdp_blocks is not None:  # names no module: say so before anything is written
+        from trainers.fsdp import resolve_blocks
+
+        resolve_blocks(task.model(), opts.fsdp_blocks)
     out = Path(opts.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
