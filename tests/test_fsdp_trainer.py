@@ -73,7 +73,9 @@ def test_a_checkpoint_of_world_2_resumes_at_world_3(tmp_path):
 def test_bf16_through_the_mixed_precision_policy_trains_close_to_fp32(tmp_path):
     result, report = verify_json(tmp_path, "--precision=bf16", "--steps=2")
     assert report["passed"], result.stderr[-4000:]
-    assert 0 < report["max_rel_diff"] < 0.1  # bf16 compute differs, fp32 master weights keep it close
+    assert report["max_rel_diff"] > 0  # bf16 compute differs from the fp32 reference ...
+    for s in report["steps"]:  # ... and the fp32 master weights keep the loss close to it
+        assert s["distributed_loss"] == pytest.approx(s["reference_loss"], rel=0.02)
 
 
 def test_a_block_spec_naming_no_module_exits_2_before_writing(tmp_path):
@@ -97,7 +99,6 @@ def launch_train(tmp_path, *train_args: str, nproc: int = 2, timeout: float = 20
         "--run-dir",
         str(tmp_path / "run"),
         "--",
-        sys.executable,
         str(REPO / "examples" / "train.py"),
         *train_args,
         timeout=timeout,
@@ -122,20 +123,27 @@ def test_example_script_trains_with_fsdp_under_gradaccum_launch(tmp_path):
     assert set(state) == set(expected) and all(state[k].shape == expected[k].shape for k in expected)
 
 
-@pytest.mark.timeout(220)
+def train_one_process(tmp_path, *train_args: str) -> subprocess.CompletedProcess:
+    """examples/train.py as one process (world 1): the exit status is the script's own."""
+    env = {k: v for k, v in os.environ.items() if k != "GRADACCUM_PLAN"}
+    argv = [sys.executable, str(REPO / "examples" / "train.py"), "--global-batch-size=8", "--micro-batch-size=2"]
+    return subprocess.run(argv + list(train_args), capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+
+@pytest.mark.timeout(300)
 def test_bad_block_spec_and_a_checkpoint_of_another_backend_exit_2(tmp_path):
-    result = launch_train(tmp_path, "--backend=fsdp", "--fsdp-blocks=nosuch", "--steps=1")
+    result = train_one_process(tmp_path, "--backend=fsdp", "--fsdp-blocks=nosuch", "--steps=1")
     assert result.returncode == 2, result.stderr[-4000:]
-    assert "names no module" in result.stderr and "Traceback" not in result.stderr
-    ckpt = tmp_path / "ckpt"
-    result = launch_train(tmp_path, "--backend=ddp", "--steps=1", f"--checkpoint-dir={ckpt}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = launch_train(tmp_path, "--backend=fsdp", "--steps=2", f"--checkpoint-dir={ckpt}", "--resume=auto")
-    assert result.returncode == 2, result.stderr[-4000:]
-    assert "not written by --backend fsdp" in result.stderr and "Traceback" not in result.stderr
-    fsdp_ckpt = tmp_path / "fsdp-ckpt"
-    result = launch_train(tmp_path, "--backend=fsdp", "--steps=1", f"--checkpoint-dir={fsdp_ckpt}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = launch_train(tmp_path, "--backend=ddp", "--steps=2", f"--checkpoint-dir={fsdp_ckpt}", "--resume=auto")
-    assert result.returncode == 2, result.stderr[-4000:]
-    assert "written by --backend fsdp" in result.stderr and "Traceback" not in result.stderr
+    assert "'nosuch' names no module of TinyGPT" in result.stderr and "Traceback" not in result.stderr
+    for written_by, resumed_by, message in (
+        ("ddp", "fsdp", "not written by --backend fsdp"),
+        ("fsdp", "ddp", "written by --backend fsdp and this run uses ddp"),
+    ):
+        ckpt = tmp_path / f"{written_by}-ckpt"
+        result = train_one_process(tmp_path, f"--backend={written_by}", "--steps=1", f"--checkpoint-dir={ckpt}")
+        assert result.returncode == 0, result.stderr[-4000:]
+        args = (f"--backend={resumed_by}", "--steps=2", f"--checkpoint-dir={ckpt}", "--resume=auto")
+        result = train_one_process(tmp_path, *args)
+        assert result.returncode == 2, result.stderr[-4000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert [p.name for p in ckpt.iterdir() if p.name.startswith("step_")] == ["step_00000001"]  # nothing new
