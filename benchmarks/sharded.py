@@ -155,7 +155,9 @@ def rank_main(rounds: int, warmup: int, output: str | None) -> None:
 
     # 3. rounds per step, sync off on non-boundary micro-steps and on every micro-step
     for name, sync in (("rounds_sync_off", False), ("rounds_sync_every", True)):
-        counted = FSDPTrainer(_model(), _adam, plan, _loss, log=False, count_collectives=True, sync_every_micro_step=sync)
+        counted = FSDPTrainer(
+            _model(), _adam, plan, _loss, log=False, count_collectives=True, sync_every_micro_step=sync
+        )
         result[name] = counted.step(data[0]).allreduce_rounds
         counted.close()
     if rank == 0 and output:

@@ -32,7 +32,7 @@ TRAINER_BACKENDS: dict[str, TrainerBackend] = {
     b.name: b
     for b in (
         TrainerBackend("ddp", "trainers.ddp:DDPTrainer", "PyTorch DistributedDataParallel"),
-        TrainerBackend("fsdp", "trainers.fsdp_trainer:FSDPTrainer", "PyTorch FSDP2 (fully_shard): sharded state", blocks=True),
+        TrainerBackend("fsdp", "trainers.fsdp_trainer:FSDPTrainer", "PyTorch FSDP2, sharded state", blocks=True),
         TrainerBackend(
             "deepspeed",
             "trainers.deepspeed_trainer:DeepSpeedTrainer",
