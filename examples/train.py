@@ -1,4 +1,4 @@
-"""Train with DDPTrainer (or DeepSpeedTrainer) under any launcher: torchrun, `gradaccum launch`, mpirun, deepspeed, srun.
+"""Train with DDPTrainer, FSDPTrainer or DeepSpeedTrainer under any launcher (torchrun, gradaccum launch, mpirun, srun).
 
     torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 --steps 20
     gradaccum launch --launcher mpirun --nproc-per-node 2 --global-batch-size 24 \\
@@ -6,6 +6,8 @@
     python examples/train.py --global-batch-size 8 --micro-batch-size 2      # one process
     gradaccum launch --launcher deepspeed --zero-stage 2 --nproc-per-node 2 --global-batch-size 24 \\
         --micro-batch-size 4 -- examples/train.py --backend deepspeed --steps 20   # DeepSpeedTrainer
+    gradaccum launch --launcher torchrun --nproc-per-node 2 --global-batch-size 24 \\
+        --micro-batch-size 4 -- examples/train.py --backend fsdp --steps 20     # FSDPTrainer (FSDP2)
     torchrun --nproc-per-node 2 examples/train.py --global-batch-size 24 --micro-batch-size 4 \\
         --steps 20 --checkpoint-dir ckpt --checkpoint-every 5 --resume auto   # restartable, any world size
     gradaccum launch --nproc-per-node 2 --global-batch-size 24 --micro-batch-size 4 -- examples/train.py \
@@ -55,10 +57,12 @@ def train(session) -> None:
             file=sys.stderr,
             flush=True,
         )
-    if rank0 and session.args.output and not trainer.stopped:
+    if session.args.output and not trainer.stopped:
         from trainers.startup import save_atomic
 
-        save_atomic(trainer.module.state_dict(), session.args.output)
+        state = trainer.strategy.full_state_dict()  # every rank: FSDP gathers its shards
+        if rank0:
+            save_atomic(state, session.args.output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,15 @@ class TrainerBackend:
     requires: str | None = None
     #: ZeRO stages it accepts (empty: --zero-stage does not apply)
     zero_stages: tuple[int, ...] = ()
+    #: takes an FSDP block spec (--fsdp-blocks)
+    blocks: bool = False
 
 
 TRAINER_BACKENDS: dict[str, TrainerBackend] = {
     b.name: b
     for b in (
         TrainerBackend("ddp", "trainers.ddp:DDPTrainer", "PyTorch DistributedDataParallel"),
+        TrainerBackend("fsdp", "trainers.fsdp_trainer:FSDPTrainer", "PyTorch FSDP2, sharded state", blocks=True),
         TrainerBackend(
             "deepspeed",
             "trainers.deepspeed_trainer:DeepSpeedTrainer",
@@ -56,6 +59,20 @@ def trainer_backend(name: str) -> TrainerBackend:
         raise UserError(
             f"unknown trainer backend {name!r}; choose one of: {', '.join(TRAINER_BACKENDS)}"
         ) from None
+
+
+#: what --fsdp-blocks means, for every --help that has it
+FSDP_BLOCKS_HELP = (
+    "--backend fsdp: the modules sharded as one unit each, comma-separated qualified-name globs or class "
+    "names (e.g. 'layers.*' or 'Block'; default: every child holding parameters, inside ModuleList/ModuleDict)"
+)
+
+
+def check_blocks(backend: str, blocks: str | None) -> None:
+    """--fsdp-blocks only with a backend that takes it."""
+    if blocks is not None and not trainer_backend(backend).blocks:
+        takes = [b.name for b in TRAINER_BACKENDS.values() if b.blocks]
+        raise UserError(f"--fsdp-blocks is for --backend {' or '.join(takes)}, not --backend {backend}")
 
 
 def zero_stages() -> tuple[int, ...]:

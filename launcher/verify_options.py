@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.plan import PRECISIONS, BatchPlan
-from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, trainer_backend
+from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, check_blocks, trainer_backend
 
 DEFAULT_TASK = "trainers.example:task"
 DEFAULT_MICRO_BATCH_SIZE = 4
@@ -40,6 +40,7 @@ class VerifyOptions:
     backend: str = DEFAULT_TRAINER_BACKEND
     zero_stage: int | None = None  # --backend deepspeed: None means the JSON's stage, or 0
     deepspeed_config: str | None = None  # --backend deepspeed: the user's DeepSpeed JSON
+    fsdp_blocks: str | None = None  # --backend fsdp: the block spec (checked against the model by verify)
     precision: str = "fp32"  # of the distributed run; the reference is always fp32
     collective_timeout: float | None = None  # seconds; None: the trainers' default
     interrupt_at_step: int | None = None  # SIGKILL after this step's checkpoint, then resume
@@ -59,6 +60,7 @@ class CheckedOptions:
 def check(opts: VerifyOptions) -> CheckedOptions:
     """Every check, in the order a user fixes them; raises UserError naming the flag."""
     check_options(opts.backend, opts.steps, opts.nproc_per_node, opts.tolerance, opts.task)
+    check_blocks(opts.backend, opts.fsdp_blocks)
     check_precision_options(opts.precision, opts.collective_timeout)
     opts = dataclasses.replace(opts, tolerance=resolve_tolerance(opts.tolerance, opts.precision))
     plan = resolve_plan(

@@ -1,5 +1,5 @@
 """Real Slurm jobs on the local cluster (slurm/local-cluster.sh up --nodes 2): training under
-srun tasks and torchrun per node matches the single-process reference, pre-emption by USR1
+srun tasks and torchrun per node (DDP and FSDP) matches the single-process reference, pre-emption by USR1
 checkpoints, requeues and resumes to the same weights, status/cancel, clear submit errors,
 the rendezvous preflight, and the cluster script's own lifecycle.
 
@@ -147,6 +147,19 @@ def test_two_task_job_matches_reference(uninterrupted):
     assert (run_dir / "job.sbatch").exists() and (run_dir / "job_id").read_text().strip() == job_id
     assert json.loads((run_dir / "plan.json").read_text())["gradient_accumulation_steps"] == 2
     assert_matches(run_dir / "final.pt")
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_job_matches_reference(slurm_env, tmp_path):
+    """The trainer backend is the script's choice: --backend fsdp needs no launcher flag."""
+    run_dir = tmp_path / "fsdp"
+    script = ("examples/train.py", "--backend", "fsdp", "--steps", str(STEPS), "--output", str(run_dir / "final.pt"))
+    r = submit(slurm_env, run_dir, "--nproc-per-node", "2", script=script)
+    job_id = job_id_of(r)
+    out = job_output(run_dir, job_id)
+    assert r.returncode == 0, f"{r.stderr}\n{out}"
+    assert "FSDP2 gloo on 2 process(es) (slurm)" in out, out
+    assert_matches(run_dir / "final.pt")  # the shards gathered into the model's own state_dict
 
 
 def run_concurrently(slurm_env, tmp_path: Path, shapes: dict[str, tuple[str, ...]]) -> dict[str, tuple]:

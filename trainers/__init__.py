@@ -1,8 +1,8 @@
-"""gradaccum trainers: exact gradient accumulation for DDP and DeepSpeed, and a reference.
+"""gradaccum trainers: exact gradient accumulation for DDP, FSDP2 and DeepSpeed, and a reference.
 
-`from trainers import DDPTrainer, DeepSpeedTrainer, ReferenceTrainer, GlobalBatchSampler, Task`.
-DeepSpeedTrainer is imported on first use, so that importing the package never imports
-deepspeed.
+`from trainers import DDPTrainer, FSDPTrainer, DeepSpeedTrainer, ReferenceTrainer, GlobalBatchSampler, Task`.
+DeepSpeedTrainer and FSDPTrainer are imported on first use, so that importing the package
+never imports deepspeed or torch.distributed.fsdp.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "CommonOptions",
     "DDPTrainer",
     "DeepSpeedTrainer",
+    "FSDPTrainer",
     "GlobalBatchSampler",
     "ReferenceTrainer",
     "StepMetrics",
@@ -34,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from trainers.deepspeed_trainer import DeepSpeedTrainer
 
         return DeepSpeedTrainer
+    if name == "FSDPTrainer":
+        from trainers.fsdp_trainer import FSDPTrainer
+
+        return FSDPTrainer
     raise AttributeError(f"module 'trainers' has no attribute {name!r}")

@@ -17,6 +17,9 @@ Loss normalisation (the "loss contract"): `loss(model, batch)` returns
     loss is scaled by dp/count (DDP averages, so dp cancels); without it, backward runs on
     the raw sums and the gradients are multiplied by dp/count at the boundary, after one
     all-reduce of the counts. Gradients are linear in the loss, so both are exact.
+A backend that reduces gradients by SUM over the ranks instead of averaging
+(`AccumulationHooks.sums_gradients`, FSDP) gets the 1/dp folded into the same single
+scale: 1/(K·dp) for means, 1/count for pairs, so no factor is rounded twice.
 Each micro-step's graph is freed by its own backward: activation memory is flat in K.
 """
 
@@ -135,6 +138,8 @@ class AccumulationHooks:
                      after the last, so all ranks stop at the same point), and the step
                      raises MicroBatchOutOfMemory before any gradient is reduced or applied.
                      Needs reduce_gradients, so that no backward syncs by itself.
+    sums_gradients:  the backend's gradient reduction SUMS over the data-parallel ranks
+                     (instead of averaging): every loss/gradient scale carries the 1/dp
     """
 
     step: Callable[[], float | torch.Tensor | None]
@@ -147,6 +152,7 @@ class AccumulationHooks:
     reduce_gradients: Callable[[], None] | None = None
     progress: Callable[[int | None, str], None] = _no_progress
     agree_oom: Callable[[bool], bool] | None = None
+    sums_gradients: bool = False
 
 
 class ZeroCountError(UserError):
@@ -246,6 +252,10 @@ def accumulation_step(
     if k == 0:
         raise ValueError("an accumulation step needs at least one micro-batch")
     real = [mb for mb in micro_batches if mb.items > 0]
+    # the data-parallel factor the reduction leaves in the gradients: averaging divides by
+    # dp (so the scales multiply by it), summing does not
+    dp_factor = 1 if hooks.sums_gradients else dp_size
+    mean_weight = 1.0 / (k * dp_size) if hooks.sums_gradients else 1.0 / k
     expected_local = pre_scale = None
     if count_fn is not None:
         # The one all-reduce of counts, before the first forward: every micro-step's loss
@@ -255,7 +265,7 @@ def accumulation_step(
         total = hooks.all_reduce_sum(torch.tensor([expected_local], dtype=torch.float64, device=device))
         global_count = float(total[0])
         check_global_count(global_count)
-        pre_scale = dp_size / global_count
+        pre_scale = dp_factor / global_count
 
     # this rank's loss numerators and counts, detached, never synced per micro-step
     numerators: list[torch.Tensor] = []
@@ -280,7 +290,7 @@ def accumulation_step(
                 if mb.items == 0:
                     weight = 0.0  # filler: joins the collectives, contributes nothing
                 elif mode == MEAN:
-                    weight = 1.0 / k
+                    weight = mean_weight
                 elif pre_scale is not None:
                     weight = pre_scale
                 else:
@@ -340,7 +350,7 @@ def accumulation_step(
         if gradients_need_totals:
             global_count = float(done[1])
             check_global_count(global_count)
-            hooks.scale_gradients(dp_size / global_count)
+            hooks.scale_gradients(dp_factor / global_count)
     hooks.progress(None, "optimizer step")
     norm = hooks.step()
 

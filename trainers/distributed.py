@@ -451,8 +451,9 @@ def check_replicas(parameters: Iterable[torch.Tensor]) -> None:
     After every optimizer step each data-parallel replica must hold bit-identical
     parameters (same reduced gradients, same decisions, such as skipping an fp16 step).
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
+    parameters = list(parameters)
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not parameters:
+        return  # nothing replicated (a sharded backend gives none, on every rank)
     flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in parameters])
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
     mine = [float(flat.sum()), float(flat.abs().sum()), float((flat * weights).sum())]

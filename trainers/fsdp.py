@@ -17,8 +17,9 @@ gradients after backward.
   again; on the boundary both are restored. One reduce-scatter round per optimizer step.
   `no_sync(module)` is the same as a context manager around a non-boundary micro-step.
 - `GradientReductionCounter` counts the backward passes that reduced gradients ("rounds").
-- Gradients are averaged over the data-parallel ranks (FSDP2's default, like DDP), so the
-  shared loop's loss normalisation (1/K, or dp/N for (loss_sum, count)) carries over unchanged.
+- `sum_gradients` makes the reduction a plain SUM over the ranks (FSDP2 averages by
+  default): the loss is then scaled by 1/(K·dp) or 1/N once (trainers/accumulate.py's
+  `sums_gradients`) instead of dp/N and a division by dp that round twice.
 - `full_state_dict` / `full_optimizer_state_dict` gather plain tensors with the model's own
   keys (verify's initial/reference/distributed .pt files); `save_sharded` / `load_sharded`
   write and read model + optimizer through `torch.distributed.checkpoint` (DCP), every rank
@@ -273,7 +274,7 @@ def full_optimizer_state_dict(module: nn.Module, optimizer: Any) -> dict[str, di
     return {name: {k: _full(v) for k, v in entries.items()} for name, entries in state.items()}
 
 
-def _state(module: nn.Module, optimizer: Any) -> dict[str, Any]:
+def sharded_state(module: nn.Module, optimizer: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(module, optimizer)
@@ -306,7 +307,7 @@ def save_sharded(path: str | os.PathLike[str], module: nn.Module, optimizer: Any
     path = Path(path)
     rank, world = _world()
     tmp = path.with_name(_broadcast_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"))
-    dcp.save(_state(module, optimizer), checkpoint_id=str(tmp))
+    dcp.save(sharded_state(module, optimizer), checkpoint_id=str(tmp))
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -333,6 +334,6 @@ def load_sharded(path: str | os.PathLike[str], module: nn.Module, optimizer: Any
         raise UserError(
             f"{path} is not a finished FSDP (torch.distributed.checkpoint) checkpoint: {DCP_METADATA} is missing"
         )
-    state = _state(module, optimizer)
+    state = sharded_state(module, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
 from launcher.plan import PLAN_ENV_VAR, PRECISIONS, BatchPlan
-from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, trainer_backend, zero_stages
+from launcher.trainer_backends import (
+    DEFAULT_TRAINER_BACKEND,
+    FSDP_BLOCKS_HELP,
+    backend_names,
+    check_blocks,
+    trainer_backend,
+    zero_stages,
+)
 
 if TYPE_CHECKING:
     from trainers.distributed import DistInfo
@@ -99,6 +106,7 @@ def add_worker_args(parser: argparse.ArgumentParser, steps_default: int | None =
         metavar="N",
         help="processes reading and collating the next step off the training thread (default: the task's, 0)",
     )
+    parser.add_argument("--fsdp-blocks", metavar="SPEC", help=FSDP_BLOCKS_HELP)
     # the deepspeed launcher passes --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     from trainers.resume import add_checkpoint_args
@@ -175,7 +183,9 @@ def _backend_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if sync:
             raise UserError("--sync-every-micro-step is a DDP demonstration; DeepSpeed decides when it communicates")
         return {"zero_stage": args.zero_stage, "ds_config": args.deepspeed_config}
-    return {"sync_every_micro_step": True} if sync else {}
+    blocks = getattr(args, "fsdp_blocks", None)
+    check_blocks(args.backend, blocks)
+    return {**({"sync_every_micro_step": True} if sync else {}), **({"fsdp_blocks": blocks} if blocks else {})}
 
 
 def start(args: argparse.Namespace, task: Task | None = None, trainer_class: type | None = None) -> Session:
@@ -244,7 +254,7 @@ def run_worker(
         if check_replicas:
             from trainers.distributed import check_replicas as compare_replicas
 
-            compare_replicas(session.trainer.module.parameters())
+            compare_replicas(session.trainer.strategy.replicated_parameters())
         session.trainer.close()  # data workers stopped, metrics.csv closed
         session.trainer = None  # DDP's reducer holds the process group: let it go before the group does
         del session

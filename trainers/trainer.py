@@ -319,6 +319,7 @@ class Trainer:
             autocast=s.autocast,
             reduce_gradients=reduce,
             agree_oom=agree,
+            sums_gradients=s.sums_gradients,
         )
         if self.hang.watchdog is not None:
             hooks.progress = self.hang.progress

@@ -3,9 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node P -m trainers.worker \
         --task MODULE:FUNCTION --steps S --output-dir DIR      # plan from $GRADACCUM_PLAN
 
-Rank 0 writes the model's state_dict before the first step (step-000000.pt) and after
-every optimizer step (step-000001.pt, ...), each with that step's metrics, atomically
-(trainers/verify/protocol.py has the files and the flags).
+Rank 0 writes the model's full state_dict (a sharded backend gathers it from every rank)
+before the first step (step-000000.pt) and after every optimizer step (step-000001.pt, ...),
+each with that step's metrics, atomically (trainers/verify/protocol.py: the files and flags).
 """
 
 from __future__ import annotations
@@ -27,16 +27,19 @@ def record_steps(session: Session) -> None:
 
     args, trainer, plan = session.args, session.trainer, session.plan
     out = Path(args.output_dir)
-    if session.rank0:
+    # full_state_dict: every rank calls it (a sharded backend gathers), rank 0 writes it
+    if trainer.global_step == 0:
+        initial = trainer.strategy.full_state_dict()
+        if session.rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_atomic({"step": 0, "world_size": plan.world_size, "model": initial}, step_path(out, 0))
+    elif session.rank0:
         out.mkdir(parents=True, exist_ok=True)
-        if trainer.global_step == 0:
-            save_atomic(
-                {"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0)
-            )
     for metrics in trainer.iter_steps(session.steps_left):
+        model_state = trainer.strategy.full_state_dict()
         if session.rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
-            record["model"] = trainer.module.state_dict()
+            record["model"] = model_state
             if getattr(trainer, "last_collective_calls", None) is not None:  # DeepSpeed: calls per collective
                 record["collective_calls"] = trainer.last_collective_calls
             save_atomic(record, step_path(out, metrics.step))

@@ -26,6 +26,7 @@ from launcher.memory import (
     parse_count,
     state_memory,
 )
+from launcher.trainer_backends import backend_names
 
 ORDER = 10
 
@@ -77,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument(
         "--backend",
-        choices=("ddp", "deepspeed", "fsdp"),
+        choices=backend_names(),
         help="with --parameters: fsdp shards parameters, gradients and optimizer state over the data-parallel ranks",
     )
     m.add_argument(

@@ -10,7 +10,7 @@ import argparse
 
 from launcher.cli.common import info, print_json
 from launcher.plan import PRECISIONS
-from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, backend_names, zero_stages
+from launcher.trainer_backends import DEFAULT_TRAINER_BACKEND, FSDP_BLOCKS_HELP, backend_names, zero_stages
 from launcher.verify_options import DEFAULT_TASK, VerifyOptions, check
 
 ORDER = 60
@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="--backend deepspeed: your DeepSpeed JSON, merged under the plan (its batch keys must agree)",
     )
+    p.add_argument("--fsdp-blocks", metavar="SPEC", help=FSDP_BLOCKS_HELP)
     p.add_argument("--no-shuffle", action="store_true", help="global batch t = items [t*G, (t+1)*G)")
     p.add_argument("--output-dir", default="gradaccum-verify", metavar="DIR", help="default ./gradaccum-verify")
     p.add_argument(
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             zero_stage=args.zero_stage,
             deepspeed_config=args.deepspeed_config,
+            fsdp_blocks=args.fsdp_blocks,
             precision=args.precision,
             collective_timeout=args.collective_timeout,
             interrupt_at_step=args.interrupt_at_step,

@@ -42,6 +42,8 @@ class Strategy:
     name = "single"
     #: may the micro-batch / global batch change between steps (OOM fallback, ramps)?
     supports_plan_change = True
+    #: the gradient reduction SUMS over the ranks (the loop then folds 1/dp into its scales)
+    sums_gradients = False
 
     def __init__(self) -> None:
         self.model: Any = None  # what forward goes through (wrapper, engine or the module)
@@ -137,6 +139,16 @@ class Strategy:
         return None
 
     # ----------------------------------------------------------------- state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole, unsharded state_dict under its own keys (verify's records).
+        Every rank calls it: a sharded backend gathers (a collective); here it is local."""
+        return self.module.state_dict()
+
+    def replicated_parameters(self) -> list[torch.Tensor]:
+        """The parameters every data-parallel rank holds identically (the replica check);
+        empty for a backend that shards them."""
+        return list(self.module.parameters())
+
     def state_dict(self) -> dict[str, Any]:
         """This backend's part of trainer.pt: model, optimizer, scheduler, precision."""
         return {
@@ -147,7 +159,16 @@ class Strategy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state_dict(); None entries (kept in the backend's own files) are skipped."""
+        """Restore state_dict(); None entries (kept in the backend's own files) are skipped.
+        A checkpoint another backend wrote (its state names it) is refused, naming both."""
+        saved = state.get("backend")
+        if saved is not None and saved != self.name:
+            from trainers.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint was written by --backend {saved} and this run uses {self.name}: its model and "
+                f"optimizer live in {saved}'s own files; resume it with --backend {saved}"
+            )
         if state.get("model") is not None:
             self.module.load_state_dict(state["model"])
         if state.get("optimizer") is not None:

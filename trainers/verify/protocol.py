@@ -97,6 +97,7 @@ class WorkerArgs:
     backend: str = DEFAULT_TRAINER_BACKEND
     zero_stage: int | None = None
     deepspeed_config: str | None = None
+    fsdp_blocks: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     keep_last: int | None = None

@@ -67,6 +67,7 @@ def worker_args(opts: VerifyOptions, out: Path, **extra: Any) -> WorkerArgs:
         deepspeed_config=str(Path(opts.deepspeed_config).resolve()) if opts.deepspeed_config else None,
         log_dir=str(out.resolve()),  # metrics.csv of the distributed run, beside the report
         no_progress=True,  # verify prints its own progress lines
+        fsdp_blocks=opts.fsdp_blocks,
         **extra,
     )
 
@@ -136,6 +137,10 @@ def run_checked(checked: CheckedOptions, log: Callable[[str], None] | None = Non
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: a task module in the current directory
     task = load_task(opts.task)
+    if opts.fsdp_blocks is not None:  # names no module: say so before anything is written
+        from trainers.fsdp import resolve_blocks
+
+        resolve_blocks(task.model(), opts.fsdp_blocks)
     out = Path(opts.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
