@@ -219,7 +219,9 @@ def test_a_reused_output_dir_holds_only_the_last_runs_files(tmp_path):
     # no earlier loss curve, no distributed.pt holding the initial weights: the failed run took no step
     assert not (tmp_path / "loss-curve.png").exists()
     assert not (tmp_path / "distributed.pt").exists()
-    assert set(report["files"]) == {"initial", "reference", "report", "plan"}
+    assert set(report["files"]) == {"initial", "reference", "report", "plan", "metrics"}
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 and rows[0].startswith("step,")  # this run's header, no earlier run's rows
     assert all((tmp_path / name).is_file() for name in ("initial.pt", "reference.pt", "report.json", "plan.json"))
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert (tmp_path / "notes.txt").read_text() == "mine"
