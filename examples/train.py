@@ -51,10 +51,13 @@ def train(session) -> None:
             file=sys.stderr,
             flush=True,
         )
-    if rank0 and session.args.output and not trainer.stopped:
+    if session.args.output and not trainer.stopped:
         from trainers.startup import save_atomic
+        from trainers.worker import full_state_dict
 
-        save_atomic(trainer.module.state_dict(), session.args.output)
+        state = full_state_dict(trainer)  # every rank: a gather when the model is sharded (ZeRO 3)
+        if rank0:
+            save_atomic(state, session.args.output)
 
 
 def main(argv: list[str] | None = None) -> int:

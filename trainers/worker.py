@@ -21,22 +21,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return worker_parser().parse_args(argv)
 
 
+def full_state_dict(trainer) -> dict:
+    """The model's full state_dict with its own keys. Every rank calls it: a trainer whose
+    model is sharded (DeepSpeed ZeRO 3) gathers it with `fp32_state_dict()`, a collective."""
+    gather = getattr(trainer, "fp32_state_dict", None)
+    return gather() if gather is not None else trainer.module.state_dict()
+
+
 def record_steps(session: Session) -> None:
     """Train to --steps, rank 0 writing every step's record; hold after --hold-after-step."""
     from trainers.distributed import log_rank0
 
     args, trainer, plan = session.args, session.trainer, session.plan
     out = Path(args.output_dir)
-    if session.rank0:
+    if trainer.global_step == 0:
+        initial = full_state_dict(trainer)  # every rank: a collective when the model is sharded
+        if session.rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_atomic({"step": 0, "world_size": plan.world_size, "model": initial}, step_path(out, 0))
+    elif session.rank0:
         out.mkdir(parents=True, exist_ok=True)
-        if trainer.global_step == 0:
-            save_atomic(
-                {"step": 0, "world_size": plan.world_size, "model": trainer.module.state_dict()}, step_path(out, 0)
-            )
     for metrics in trainer.iter_steps(session.steps_left):
+        state = full_state_dict(trainer)
         if session.rank0:
             record = {"step": metrics.step, "world_size": plan.world_size, "metrics": metrics.to_dict()}
-            record["model"] = trainer.module.state_dict()
+            record["model"] = state
             if getattr(trainer, "last_collective_calls", None) is not None:  # DeepSpeed: calls per collective
                 record["collective_calls"] = trainer.last_collective_calls
             save_atomic(record, step_path(out, metrics.step))
