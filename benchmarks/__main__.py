@@ -17,12 +17,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import comm, launch, memory, microbatch, overhead, peers
+from benchmarks import comm, launch, memory, microbatch, overhead, peers, zero3
 from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso, source_state
 from launcher.atomic import write_json_atomic, write_text_atomic
 from launcher.run import describe_status, run_local_workers
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch")
+NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "zero3")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
@@ -37,6 +37,7 @@ FULL = {
     "microbatch_trial_sizes": None,  # autobatch's defaults
     "memory": {"ks": [1, 2, 4, 8, 16], "micro": 32, "reps": 2},
     "launch": {"reps": 5, "first_step_reps": 3},
+    "zero3": {"workload": "lm", "micro": 4, "k": 4, "warmup": 3, "steps": 60, "aa": True},
     "timeout_s": 540,
 }
 QUICK = {
@@ -46,6 +47,7 @@ QUICK = {
     "microbatch_trial_sizes": [1, 2],
     "memory": {"ks": [1, 2], "micro": 4, "reps": 1},
     "launch": {"reps": 1, "first_step_reps": 0},  # 0: six torch imports saved; the full run does it
+    "zero3": {"workload": "lm", "micro": 2, "k": 2, "warmup": 1, "steps": 3, "aa": False},
     "timeout_s": 240,
 }
 
@@ -130,6 +132,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         jobs["comm"] = cfg["comm"]
     if "microbatch" in selected:
         jobs["microbatch"] = cfg["microbatch"]
+    if "zero3" in selected:
+        jobs["zero3"] = cfg["zero3"]
     raw: dict[str, Any] = {}
     dist_error: Exception | None = None
     if jobs:
@@ -173,6 +177,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
             return microbatch.summarize(figures, microbatch.auto_choice(gb, 2, trial and tuple(trial)))
 
         record("microbatch", microbatch_result)
+    if "zero3" in selected:
+        record("zero3", lambda: zero3.summarize(rank_figures("zero3")), job_wall("zero3"))
     if "memory" in selected:
         record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
     if "launch" in selected:
