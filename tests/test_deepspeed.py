@@ -455,3 +455,17 @@ def test_missing_deepspeed_says_how_to_install_it(monkeypatch):
 
     with pytest.raises(DeepSpeedNotInstalled, match=r"pip install 'gradaccum\[deepspeed\]'"):
         import_deepspeed()
+
+
+@pytest.mark.deepspeed
+@pytest.mark.timeout(120)
+def test_universal_conversion_that_fails_names_deepspeeds_reason_and_leaves_nothing_half_written(tmp_path):
+    """The real ds_to_universal on a checkpoint tag without DeepSpeed's files: the error carries its
+    reason; neither the target nor the temporary folder is left behind (a later resume retries)."""
+    from trainers.strategies.deepspeed_universal import convert
+
+    (tmp_path / "engine").mkdir()
+    target, error = convert(tmp_path, "engine")
+    assert target == tmp_path / "engine_universal"
+    assert error is not None and "ds_to_universal failed with status" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
