@@ -17,12 +17,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import comm, launch, loader_io, memory, microbatch, overhead, peers, real_workloads
+from benchmarks import comm, launch, loader_io, memory, microbatch, overhead, peers, real_workloads, zero3
 from benchmarks.common import REPO, Target, child_env, free_port, log, machine, now_iso, source_state
 from launcher.atomic import write_json_atomic, write_text_atomic
 from launcher.run import describe_status, run_local_workers
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "loader_io", "metrics_log", "hf_step")
+NAMES = (
+    "overhead",
+    "peers",
+    "comm",
+    "memory",
+    "launch",
+    "microbatch",
+    "loader_io",
+    "metrics_log",
+    "hf_step",
+    "zero3",
+)
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 FULL = {
@@ -40,6 +51,7 @@ FULL = {
     "loader_io": {"rounds": 5, "steps": 20, "wait_ms": 2.0},
     "metrics_log": {"global_batch": 16, "warmup": 3, "steps": 150},
     "hf_step": {"micro": 4, "k": 4, "warmup": 3, "steps": 60},
+    "zero3": {"workload": "lm", "micro": 4, "k": 4, "warmup": 3, "steps": 60, "aa": True},
     "timeout_s": 540,
 }
 QUICK = {
@@ -52,6 +64,7 @@ QUICK = {
     "loader_io": {"rounds": 1, "steps": 3, "wait_ms": 2.0},
     "metrics_log": {"global_batch": 8, "warmup": 1, "steps": 3},
     "hf_step": {"micro": 2, "k": 2, "warmup": 1, "steps": 3},
+    "zero3": {"workload": "lm", "micro": 2, "k": 2, "warmup": 1, "steps": 3, "aa": False},
     "timeout_s": 240,
 }
 
@@ -136,6 +149,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         jobs["comm"] = cfg["comm"]
     if "microbatch" in selected:
         jobs["microbatch"] = cfg["microbatch"]
+    if "zero3" in selected:
+        jobs["zero3"] = cfg["zero3"]
     raw: dict[str, Any] = {}
     dist_error: Exception | None = None
     if jobs:
@@ -179,6 +194,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
             return microbatch.summarize(figures, microbatch.auto_choice(gb, 2, trial and tuple(trial)))
 
         record("microbatch", microbatch_result)
+    if "zero3" in selected:
+        record("zero3", lambda: zero3.summarize(rank_figures("zero3")), job_wall("zero3"))
     if "memory" in selected:
         record("memory", lambda: memory.summarize(memory.run(cfg["memory"])))
     if "launch" in selected:

@@ -80,9 +80,14 @@ class Context:
 
 
 def jobs() -> dict[str, Any]:
-    from benchmarks import comm, microbatch, overhead
+    from benchmarks import comm, microbatch, overhead, zero3
 
-    return {"training": overhead.worker_job, "comm": comm.worker_job, "microbatch": microbatch.worker_job}
+    return {
+        "training": overhead.worker_job,
+        "comm": comm.worker_job,
+        "microbatch": microbatch.worker_job,
+        "zero3": zero3.worker_job,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

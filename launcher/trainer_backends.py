@@ -38,7 +38,7 @@ TRAINER_BACKENDS: dict[str, TrainerBackend] = {
             "trainers.deepspeed_trainer:DeepSpeedTrainer",
             "a DeepSpeed engine (ZeRO stages)",
             requires="deepspeed",
-            zero_stages=(0, 1, 2),
+            zero_stages=(0, 1, 2, 3),
         ),
     )
 }

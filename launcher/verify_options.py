@@ -74,7 +74,6 @@ def check(opts: VerifyOptions) -> CheckedOptions:
         opts.deepspeed_config,
         opts.sync_every_micro_step,
         opts.precision,
-        opts.resume_nproc_per_node,
     )
     # the workers read the precision from the plan
     return CheckedOptions(opts, dataclasses.replace(plan, precision=opts.precision), ds_config)
@@ -135,7 +134,6 @@ def check_backend_options(
     deepspeed_config: str | None = None,
     sync_every_micro_step: bool = False,
     precision: str | None = None,
-    resume_nproc_per_node: int | None = None,
 ) -> dict | None:
     """DeepSpeed flags, before any process starts: the JSON is read and rendered under the plan
     here, so batch keys that disagree with it fail now, naming both values. Returns the config."""
@@ -164,12 +162,8 @@ def check_backend_options(
             f"gradaccum verify runs DeepSpeed at ZeRO stages {_one_of(tuple(map(str, stages))).replace(' or ', ' and ')}; "
             f"the config asks for {stage}"
         )
-    if stage >= 1 and resume_nproc_per_node not in (None, plan.world_size):
-        raise UserError(
-            f"--resume-nproc-per-node {resume_nproc_per_node} with ZeRO {stage}: DeepSpeed keeps ZeRO 1/2 optimizer "
-            f"state in one file per data-parallel rank and cannot re-partition it for another world size; "
-            f"use --zero-stage 0 (resumes at any world size) or resume at {plan.world_size} processes"
-        )
+    # --resume-nproc-per-node at another size works at every stage: ZeRO 1-3 state is converted
+    # to DeepSpeed's universal checkpoint on resume (trainers/strategies/deepspeed_universal.py)
     return config
 
 

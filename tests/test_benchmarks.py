@@ -18,10 +18,22 @@ import pytest
 
 from tests.conftest import REPO
 
-NAMES = ("overhead", "peers", "comm", "memory", "launch", "microbatch", "loader_io", "metrics_log", "hf_step")
+NAMES = (
+    "overhead",
+    "peers",
+    "comm",
+    "memory",
+    "launch",
+    "microbatch",
+    "loader_io",
+    "metrics_log",
+    "hf_step",
+    "zero3",
+)
 
 
 @pytest.mark.slow
+@pytest.mark.deepspeed  # the zero3 benchmark runs DeepSpeed engines
 @pytest.mark.timeout(420)
 def test_quick_benchmarks_end_to_end(tmp_path):
     proc = subprocess.run(
@@ -51,6 +63,10 @@ def test_quick_benchmarks_end_to_end(tmp_path):
         entry = b["overhead"]["workloads"][workload]
         assert {"median", "min", "max", "samples"} <= set(entry["ratio"])
         assert entry["weights"]["max_rel_diff"] <= 1e-5
+
+    # zero3: DeepSpeedTrainer at ZeRO 3 against a bare engine loop, paired, on the same weights
+    assert {"median", "min", "max", "samples"} <= set(b["zero3"]["ratio"])
+    assert b["zero3"]["weights"]["max_rel_diff"] <= 1e-5
 
     # peers: measured on the same weights, or skipped with the reason
     peers = b["peers"]

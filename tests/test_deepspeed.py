@@ -8,6 +8,7 @@ its shared-memory communication op (~30 s, cached in ~/.cache/torch_extensions).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import torch
 
 from launcher.plan import BatchPlan
 from tests.conftest import REPO, run_cli
-from trainers.deepspeed_trainer import engine_mismatches, import_deepspeed, resume_problem
+from trainers.deepspeed_trainer import engine_mismatches, import_deepspeed, needs_universal, resume_problem
 from trainers.reference import ReferenceTrainer
 from trainers.task import load_task
 from trainers.verify import compare_states
@@ -29,9 +30,12 @@ LM, LM_NO_COUNT = "trainers.example:task", "trainers.example:task_without_count"
 STEPS = 3
 CASES = [
     # scalar-mean MLP at K=1 and K=4: the loop's 1/K and no second division by DeepSpeed
-    *(f"{stage}:{MLP}:{k}" for stage in (0, 1, 2) for k in (1, 4)),
+    *(f"{stage}:{MLP}:{k}" for stage in (0, 1, 2, 3) for k in (1, 4)),
     # (sum, count) without Task.count: the reduced gradients are scaled before engine.step()
-    *(f"{stage}:{MLP_SUM}:4" for stage in (0, 1, 2)),
+    *(f"{stage}:{MLP_SUM}:4" for stage in (0, 1, 2, 3)),
+    # ZeRO 3 on the variable-length LM, with and without Task.count, the last window partial
+    f"3:{LM}:2:2:fp32:partial",
+    f"3:{LM_NO_COUNT}:2:2:fp32:partial",
     # the variable-length LM, token-normalised, without Task.count, at a partitioned stage
     f"1:{LM_NO_COUNT}:2",
     # DeepSpeed's own bf16 (module in bf16, fp32 master weights) at every stage
@@ -42,7 +46,7 @@ CASES = [
     f"2:{LM}:2:2:fp32:offload",
     f"2:{LM_NO_COUNT}:2:2:fp32:offload",
     # engine.save_checkpoint after step 1 inside our checkpoint, a fresh engine resumes (Adam, LR schedule)
-    *(f"{stage}:{LM}:2:2:fp32:resume" for stage in (1, 2)),
+    *(f"{stage}:{LM}:2:2:fp32:resume" for stage in (1, 2, 3)),
 ]
 
 
@@ -68,7 +72,10 @@ def compare_with_reference(case: dict) -> list[dict]:
     """Per step: largest relative/absolute parameter difference, loss difference, rounds."""
     assert case["error"] is None, case["error"]
     plan = BatchPlan.from_dict(case["plan"])
-    reference = ReferenceTrainer.from_task(load_task(case["task"]), plan, shuffle=False)
+    task = load_task(case["task"])
+    if case["dataset_length"] is not None:
+        task = dataclasses.replace(task, dataset=task.dataset[: case["dataset_length"]])
+    reference = ReferenceTrainer.from_task(task, plan, shuffle=False)
     initial = compare_states(reference.module.state_dict(), case["states"][0])
     if case["precision"] == "fp32":
         assert initial["max_abs_diff"] == 0.0
@@ -88,14 +95,14 @@ def compare_with_reference(case: dict) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_matches_the_reference_at_accumulation_1_and_4(deepspeed_runs, stage):
     for k in (1, 4):
         rows = compare_with_reference(deepspeed_runs[f"{stage}:{MLP}:{k}"])
         assert max(r["max_rel_diff"] for r in rows) <= 1e-6, rows
         assert max(r["loss_diff"] for r in rows) <= 1e-6
-        # ZeRO 0 and 1 reduce once per optimizer step; ZeRO 2 on every micro-step (it partitions gradients)
-        expected_rounds = k if stage == 2 else 1
+        # ZeRO 0 and 1 reduce once per optimizer step; ZeRO 2 and 3 on every micro-step (they partition gradients)
+        expected_rounds = k if stage >= 2 else 1
         assert [r["rounds"] for r in rows] == [expected_rounds] * STEPS, rows
         assert all(r["micro_steps"] == k and r["items"] == 4 * k for r in rows)
 
@@ -113,7 +120,7 @@ def test_zero_0_reduces_gradients_once_per_step_with_accumulation_4(deepspeed_ru
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sum_count_loss_without_task_count_scales_the_reduced_gradients_exactly(deepspeed_runs, stage):
     rows = compare_with_reference(deepspeed_runs[f"{stage}:{MLP_SUM}:4"])
     assert max(r["max_rel_diff"] for r in rows) <= 1e-6, rows
@@ -130,6 +137,22 @@ def test_variable_length_lm_without_task_count_is_token_exact(deepspeed_runs):
     assert max(r["loss_diff"] for r in rows) <= 1e-5
     counts = [r["count"] for r in rows]
     assert len(set(counts)) > 1  # the token count really varies between steps
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("task", [LM, LM_NO_COUNT])
+def test_zero_3_on_the_variable_length_lm_with_a_partial_last_window_is_token_exact(deepspeed_runs, task):
+    case = deepspeed_runs[f"3:{task}:2:2:fp32:partial"]
+    rows = compare_with_reference(case)
+    # the parameters are partitioned: the states compared were gathered with safe_get_full_fp32_param
+    assert max(r["max_rel_diff"] for r in rows) <= 1e-5, rows
+    assert max(r["loss_diff"] for r in rows) <= 1e-5
+    # the last global batch holds 5 of 8 items: some micro-steps hold one item, one holds none
+    assert [r["items"] for r in rows] == [8, 8, 5]
+    assert [r["rounds"] for r in rows] == [2, 2, 2]  # ZeRO 3 reduce-scatters on every micro-step
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)  # the engine's norm (clipping)
 
 
 @pytest.mark.slow
@@ -159,7 +182,7 @@ def test_zero_offload_is_exact_with_task_count_and_refuses_to_approximate_withou
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_from_deepspeed_checkpoint_in_a_fresh_engine_continues_exactly(deepspeed_runs, stage):
     case = deepspeed_runs[f"{stage}:{LM}:2:2:fp32:resume"]
     rows = compare_with_reference(case)
@@ -196,6 +219,43 @@ def test_verify_zero_2_on_the_built_in_example(tmp_path):
     assert "ZeRO 2 partitions gradients" in result.stderr  # the trainer says so in its start-up log
     distributed = torch.load(tmp_path / "distributed.pt", weights_only=True)
     assert "tok.weight" in distributed and not any(k.startswith("module.") for k in distributed)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_verify_resumes_zero_2_and_3_at_another_world_size_through_a_universal_checkpoint(tmp_path, stage):
+    """--interrupt-at-step 2 --resume-nproc-per-node 1: the 2-process checkpoint holds ZeRO state
+    partitioned over 2 ranks; the 1-process resume converts it (ds_to_universal) and loads it."""
+    result, report = verify_json(
+        tmp_path,
+        "--backend",
+        "deepspeed",
+        "--zero-stage",
+        str(stage),
+        "--steps",
+        "3",
+        "--interrupt-at-step",
+        "2",
+        "--resume-nproc-per-node",
+        "1",
+        timeout=400,
+    )
+    assert result.returncode == 0 and report["passed"], result.stderr[-4000:]
+    assert report["world_sizes"] == [2, 1] and report["interrupted_at_step"] == 2
+    assert report["max_rel_diff"] <= 1e-5  # Adam state, LR schedule and step restored: measured 2.7e-6
+    assert [s["lr"] for s in report["steps"]] == pytest.approx([0.00075, 0.0015, 0.00225])
+    assert f"holds ZeRO {stage} state partitioned over 2 data-parallel ranks and this run has 1" in result.stderr
+    assert "loaded the universal checkpoint at data-parallel size 1" in result.stderr
+    universal = tmp_path / "checkpoints" / "step_00000002" / "deepspeed" / "engine_universal"
+    assert (universal / "zero" / "tok.weight" / "exp_avg.pt").is_file()
+    assert not list(universal.parent.glob(".tmp-*"))  # converted under a temporary name, renamed
+    # full state dicts with the model's own keys, also from the sharded (ZeRO 3) run
+    distributed = torch.load(tmp_path / "distributed.pt", weights_only=True)
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+    assert set(distributed) == set(reference)
+    assert all(distributed[k].shape == reference[k].shape for k in reference)
 
 
 def launch(tmp_path: Path, launcher: str, nproc: int, *args: str, script_args: tuple[str, ...] = ()):
@@ -254,6 +314,25 @@ def test_mpirun_then_deepspeed_launcher_at_another_world_size_resume_exactly(tmp
     assert cmp["max_rel_diff"] <= 1e-6, cmp
 
 
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_train_script_at_zero_3_under_gradaccum_launch_torchrun_equals_the_reference(tmp_path):
+    """examples/train.py --backend deepspeed --zero-stage 3 under `gradaccum launch --launcher
+    torchrun`: the launcher needs no new flag; --output holds the full (gathered) weights."""
+    out = tmp_path / "final.pt"
+    result = launch(tmp_path, "torchrun", 2, script_args=("--zero-stage", "3", "--steps", "2", "--output", str(out)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "DeepSpeed ZeRO 3 (gloo) on 2 process(es) (torchrun)" in result.stderr
+    steps = [ln for ln in result.stdout.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in steps] == ["1", "2"]
+    assert all(ln.endswith("allreduce_rounds 4") for ln in steps)  # ZeRO 3: one reduce-scatter per micro-step
+    reference = ReferenceTrainer.from_task(load_task(MLP_SUM), BatchPlan.solve(16, 2, world_size=2), shuffle=False)
+    reference.train(2)
+    cmp = compare_states(reference.module.state_dict(), torch.load(out, weights_only=True))
+    assert cmp["max_rel_diff"] <= 1e-6, cmp
+
+
 # ----------------------------------------------------------------- refusals, fast
 def write_json(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data))
@@ -303,21 +382,8 @@ def test_launch_rejects_a_deepspeed_json_that_disagrees_with_the_plan_before_sta
         (["--zero-stage", "1"], "for --backend deepspeed"),
         (["--backend", "deepspeed", "--sync-every-micro-step"], "DDP demonstration"),
         (["--backend", "deepspeed", "--precision", "bf16"], "casts the model to bf16"),
-        (
-            [
-                "--backend",
-                "deepspeed",
-                "--zero-stage",
-                "2",
-                "--steps",
-                "3",
-                "--interrupt-at-step",
-                "1",
-                "--resume-nproc-per-node",
-                "1",
-            ],
-            "cannot re-partition",
-        ),
+        (["--backend", "deepspeed", "--zero-stage", "4"], "invalid choice: 4 (choose from 0, 1, 2, 3)"),
+        (["--backend", "deepspeed", "--zero-stage", "-1"], "invalid choice: -1 (choose from 0, 1, 2, 3)"),
     ],
 )
 def test_verify_flag_combinations_that_cannot_work_exit_2(tmp_path, args, message):
@@ -333,7 +399,8 @@ def test_verify_flag_combinations_that_cannot_work_exit_2(tmp_path, args, messag
         ("sgd", {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, {}, "not both"),
         ("sgd", {"scheduler": {"type": "WarmupLR"}}, {"scheduler": lambda opt: None}, 'defines "scheduler" too'),
         ("sgd", {"train_batch_size": 32}, {}, "train_batch_size=32 but the plan has global_batch_size=16"),
-        ("sgd", {"zero_optimization": {"stage": 3}}, {}, "stages 0, 1 and 2"),
+        ("sgd", {"zero_optimization": {"stage": 4}}, {}, "ZeRO stage must be 0, 1, 2 or 3, got 4"),
+        ("sgd", None, {"zero_stage": 4}, "supports ZeRO stages 0, 1, 2 and 3, got 4"),
         ("sgd", None, {"zero_stage": 1, "ds_config": {"zero_optimization": {"stage": 2}}}, "give one of them"),
     ],
 )
@@ -370,10 +437,14 @@ def test_engine_mismatches_names_both_values():
     ]
 
 
-def test_resume_problem_allows_zero_0_anywhere_and_zero_1_2_at_the_same_data_parallel_size():
+def test_resume_problem_allows_any_data_parallel_size_and_universal_conversion_only_when_partitioned():
     assert resume_problem({"zero_stage": 0, "data_parallel_size": 2}, 0, 3, "fp32") is None
     assert resume_problem({"zero_stage": 2, "data_parallel_size": 2}, 2, 2, "fp32") is None
-    assert "partitioned over 2" in resume_problem({"zero_stage": 1, "data_parallel_size": 2}, 1, 4, "fp32")
+    assert resume_problem({"zero_stage": 3, "data_parallel_size": 2}, 3, 1, "fp32") is None
+    assert not needs_universal({"zero_stage": 0, "data_parallel_size": 2}, 3)  # one full copy
+    assert not needs_universal({"zero_stage": 2, "data_parallel_size": 2}, 2)
+    assert needs_universal({"zero_stage": 1, "data_parallel_size": 2}, 4)
+    assert needs_universal({"zero_stage": 3, "data_parallel_size": 2}, 1)
     assert "--zero-stage 2" in resume_problem({"zero_stage": 2, "data_parallel_size": 2}, 1, 2, "fp32")
     assert "bf16" in resume_problem({"zero_stage": 0, "data_parallel_size": 2, "precision": "bf16"}, 0, 2, "fp32")
 
@@ -384,3 +455,17 @@ def test_missing_deepspeed_says_how_to_install_it(monkeypatch):
 
     with pytest.raises(DeepSpeedNotInstalled, match=r"pip install 'gradaccum\[deepspeed\]'"):
         import_deepspeed()
+
+
+@pytest.mark.deepspeed
+@pytest.mark.timeout(120)
+def test_universal_conversion_that_fails_names_deepspeeds_reason_and_leaves_nothing_half_written(tmp_path):
+    """The real ds_to_universal on a checkpoint tag without DeepSpeed's files: the error carries its
+    reason; neither the target nor the temporary folder is left behind (a later resume retries)."""
+    from trainers.strategies.deepspeed_universal import convert
+
+    (tmp_path / "engine").mkdir()
+    target, error = convert(tmp_path, "engine")
+    assert target == tmp_path / "engine_universal"
+    assert error is not None and "ds_to_universal failed with status" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

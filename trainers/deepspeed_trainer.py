@@ -28,6 +28,7 @@ from trainers.strategies.deepspeed import (
     EngineMismatch,
     engine_mismatches,
     import_deepspeed,
+    needs_universal,
     resume_problem,
 )
 from trainers.trainer import CommonOptions, Trainer
@@ -44,12 +45,13 @@ __all__ = [
     "EngineMismatch",
     "engine_mismatches",
     "import_deepspeed",
+    "needs_universal",
     "resume_problem",
 ]
 
 
 class DeepSpeedTrainer(Trainer):
-    """Data-parallel training through a DeepSpeed engine (ZeRO 0, 1 or 2), exact accumulation.
+    """Data-parallel training through a DeepSpeed engine (ZeRO 0, 1, 2 or 3), exact accumulation.
 
     `optimizer` is a torch optimizer over `model`'s parameters, a factory
     `optimizer(parameters)`, or None when `ds_config` defines one (a config-defined Adam
@@ -126,8 +128,9 @@ class DeepSpeedTrainer(Trainer):
         """A copy of the model's state_dict with every parameter's fp32 master copy (collective:
         call it on every rank).
 
-        In fp32 this is a copy of `module.state_dict()`. With bf16/fp16, DeepSpeed holds the module in
-        16 bits and updates fp32 master copies (partitioned at ZeRO 1/2); those are what a
-        comparison with an fp32 run, or an fp32 export, wants.
+        In fp32 at ZeRO 0-2 this is a copy of `module.state_dict()`. With bf16/fp16, DeepSpeed holds
+        the module in 16 bits and updates fp32 master copies (partitioned at ZeRO 1/2); those are
+        what a comparison with an fp32 run, or an fp32 export, wants. At ZeRO 3 the module's
+        parameters are empty partitions: every one is gathered in full from the fp32 masters.
         """
         return self.strategy.fp32_state_dict()

@@ -5,8 +5,9 @@
 
 A case is STAGE:TASK:K[:M[:PRECISION[:OPTION]]]: the ZeRO stage, the task (MODULE:FUNCTION),
 K accumulation steps, micro-batch size M (default 2), precision (default fp32), and OPTION
-`offload` (ZeRO-Offload of the optimizer to the CPU) or `resume` (checkpoint after step 1,
-resume in a fresh engine); each case gets its own engine. The
+`offload` (ZeRO-Offload of the optimizer to the CPU), `resume` (checkpoint after step 1,
+resume in a fresh engine) or `partial` (the dataset cut to `partial_length`: the last step's
+window is partial, some micro-steps empty); each case gets its own engine. The
 states saved are the fp32 master weights (`fp32_state_dict`); a UserError raised while
 training (the same on every rank) is saved as the case's `error`. Every
 rank trains each case with collective counting, without shuffling; rank 0 saves, per case,
@@ -18,6 +19,7 @@ the single-device reference itself and compares.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch.distributed as dist
@@ -28,6 +30,11 @@ from trainers.deepspeed_trainer import DeepSpeedTrainer
 from trainers.distributed import init_distributed, shutdown
 from trainers.startup import save_atomic
 from trainers.task import load_task
+
+
+def partial_length(plan: BatchPlan, steps: int) -> int:
+    """A dataset length whose last of `steps` global batches holds a bit over half a batch."""
+    return (steps - 1) * plan.global_batch_size + plan.global_batch_size // 2 + 1
 
 
 def run_case(spec: str, steps: int, world: int, checkpoints: Path) -> dict:
@@ -43,10 +50,14 @@ def run_case(spec: str, steps: int, world: int, checkpoints: Path) -> dict:
             "zero_force_ds_cpu_optimizer": False,
         }
     plan = BatchPlan.solve(micro_batch_size=micro, gradient_accumulation_steps=k, world_size=world)
+    dataset_length = partial_length(plan, steps) if option == "partial" else None
 
     def build() -> DeepSpeedTrainer:
+        task = load_task(task_name)
+        if dataset_length is not None:
+            task = dataclasses.replace(task, dataset=task.dataset[:dataset_length])
         return DeepSpeedTrainer.from_task(
-            load_task(task_name),
+            task,
             plan,
             zero_stage=stage,
             ds_config=ds_config,
@@ -80,6 +91,7 @@ def run_case(spec: str, steps: int, world: int, checkpoints: Path) -> dict:
         "precision": precision,
         "task": task_name,
         "plan": plan.to_dict(),
+        "dataset_length": dataset_length,
         "states": states,
         "metrics": metrics,
         "error": error,

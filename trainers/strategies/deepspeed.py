@@ -10,18 +10,27 @@ not to. The shared loop has already normalised the loss (1/K for scalar means, d
 (loss_sum, count) pairs), so backward runs with `scale_wrt_gas=False`: dividing twice is
 the classic double-scaling bug. For pairs without `Task.count`, the reduced gradients are
 multiplied by dp/N after the boundary backward and before `engine.step()`, where DeepSpeed
-keeps them (`param.grad` at ZeRO 0, this rank's fp32 partition at ZeRO 1/2), so clipping
-and the update see the exact global token mean.
+keeps them (`param.grad` at ZeRO 0, this rank's fp32 partition at ZeRO 1/2, the fp32
+partition buffer behind `optimizer.averaged_gradients` at ZeRO 3), so clipping and the
+update see the exact global token mean.
 
 Gradient communication: ZeRO 0 and 1 reduce once per optimizer step (on the boundary
-micro-step); ZeRO 2 reduces (and partitions) gradients on every micro-step by design.
+micro-step); ZeRO 2 and 3 reduce (and partition) gradients on every micro-step by design.
 `count_collectives=True` wraps DeepSpeed's communication backend to count it (verify only).
+
+ZeRO 3 also partitions the parameters: the module's own parameters are empty between
+forward passes, so full values come from `fp32_state_dict` (a collective gather).
+
+Checkpoints: DeepSpeed's own files under CHECKPOINT_SUBDIR, with LAYOUT_FILE saying the
+stage, data-parallel size and precision they were written with. ZeRO 1-3 keep optimizer
+state in one file per data-parallel rank; resuming at another data-parallel size converts
+the files once into DeepSpeed's universal checkpoint (trainers/strategies/deepspeed_universal.py)
+and loads that.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +50,12 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'gradaccum[deepspeed]' (or: pip install deepspeed)"
 #: the sub-directory of a gradaccum checkpoint that holds DeepSpeed's own files, and their tag
 CHECKPOINT_SUBDIR, CHECKPOINT_TAG = "deepspeed", "engine"
+#: the client_state key DeepSpeed's ds_to_universal requires in a checkpoint it converts
+UNIVERSAL_INFO_KEY = "universal_checkpoint_info"
 #: in CHECKPOINT_SUBDIR: the ZeRO stage, data-parallel size and precision the files were written with
 LAYOUT_FILE = "gradaccum-layout.json"
+#: the ZeRO stages DeepSpeedTrainer runs (launcher/trainer_backends.py lists the same)
+ZERO_STAGES = (0, 1, 2, 3)
 #: reducing collectives of DeepSpeed's communication backend: what gradients travel through
 GRADIENT_COLLECTIVES = (
     "all_reduce",
@@ -57,22 +70,21 @@ GRADIENT_COLLECTIVES = (
 def resume_problem(saved: Mapping[str, Any], zero_stage: int, data_parallel_size: int, precision: str) -> str | None:
     """Why a DeepSpeed checkpoint with layout `saved` cannot be loaded by this engine (None: it can).
 
-    DeepSpeed stores ZeRO 1/2 optimizer state in one file per data-parallel rank and
-    refuses to re-partition it for another data-parallel size; ZeRO 0 keeps one full copy.
+    Another data-parallel size is not a problem: ZeRO 0 keeps one full copy, and ZeRO 1-3
+    state is converted to a universal checkpoint (`needs_universal`).
     """
-    stage, dp = int(saved["zero_stage"]), int(saved["data_parallel_size"])
+    stage = int(saved["zero_stage"])
     if stage != zero_stage:
         return f"it was written at ZeRO stage {stage} and this run uses stage {zero_stage}; resume with --zero-stage {stage}"
     if saved.get("precision", precision) != precision:
         return f"it was written in {saved['precision']} and this run uses {precision}; resume with the same precision"
-    if stage >= 1 and dp != data_parallel_size:
-        return (
-            f"it holds ZeRO {stage} optimizer state partitioned over {dp} data-parallel ranks and this run has "
-            f"{data_parallel_size}; DeepSpeed cannot re-partition it. Resume with {dp} processes (or convert it with "
-            "DeepSpeed's ds_to_universal and load it as a universal checkpoint outside gradaccum); "
-            "ZeRO 0 checkpoints resume at any world size"
-        )
     return None
+
+
+def needs_universal(saved: Mapping[str, Any], data_parallel_size: int) -> bool:
+    """Whether a checkpoint with layout `saved` holds ZeRO 1-3 state partitioned over another
+    data-parallel size, which DeepSpeed loads only as a universal checkpoint."""
+    return int(saved["zero_stage"]) >= 1 and int(saved["data_parallel_size"]) != data_parallel_size
 
 
 class DeepSpeedNotInstalled(UserError):
@@ -177,7 +189,7 @@ def _is_optimizer(obj: Any) -> bool:
 
 
 class DeepSpeedStrategy(Strategy):
-    """A DeepSpeed engine (ZeRO 0, 1 or 2); the options are DeepSpeedTrainer's."""
+    """A DeepSpeed engine (ZeRO 0, 1, 2 or 3); the options are DeepSpeedTrainer's."""
 
     name = "deepspeed"
     supports_plan_change = False  # the engine fixes the accumulation steps
@@ -192,8 +204,8 @@ class DeepSpeedStrategy(Strategy):
         count_collectives: bool = False,
     ) -> None:
         super().__init__()
-        if zero_stage is not None and zero_stage not in (0, 1, 2):
-            raise UserError(f"DeepSpeedTrainer supports ZeRO stages 0, 1 and 2, got {zero_stage!r}")
+        if zero_stage is not None and zero_stage not in ZERO_STAGES:
+            raise UserError(f"DeepSpeedTrainer supports ZeRO stages 0, 1, 2 and 3, got {zero_stage!r}")
         self.requested_zero_stage, self.ds_config = zero_stage, ds_config
         self.backend, self.collective_timeout, self.count_collectives = backend, collective_timeout, count_collectives
         self.engine: Any = None
@@ -226,9 +238,10 @@ class DeepSpeedStrategy(Strategy):
             gradient_clipping=options.clip_grad_norm,
             precision=options.precision,
         )
-        if config["zero_optimization"]["stage"] not in (0, 1, 2):
+        if config["zero_optimization"]["stage"] not in ZERO_STAGES:
             raise UserError(
-                f"DeepSpeedTrainer supports ZeRO stages 0, 1 and 2; the config asks for {config['zero_optimization']['stage']}"
+                "DeepSpeedTrainer supports ZeRO stages 0, 1, 2 and 3; the config asks for "
+                f"{config['zero_optimization']['stage']!r}"
             )
         if (optimizer is None) == ("optimizer" not in config):
             raise UserError(
@@ -293,7 +306,7 @@ class DeepSpeedStrategy(Strategy):
             f"({info.launcher or 'single'}), plan:\n"
             + plan.describe()
             + (
-                "\nZeRO 2 partitions gradients: DeepSpeed reduces them on every micro-step, by design"
+                f"\nZeRO {self.zero_stage} partitions gradients: DeepSpeed reduces them on every micro-step, by design"
                 if self.zero_stage >= 2 and plan.gradient_accumulation_steps > 1
                 else ""
             )
@@ -340,6 +353,9 @@ class DeepSpeedStrategy(Strategy):
                 "trainer then scales each micro-step's loss before backward, which is exact; scaling the offloaded "
                 "gradients afterwards is not"
             )
+        if self.zero_stage == 3:
+            torch._foreach_mul_(self._zero3_gradient_partitions(), factor)
+            return
         grads, partitioned = [], False
         for p in self._params:
             if hasattr(p, "_hp_mapping"):
@@ -358,6 +374,22 @@ class DeepSpeedStrategy(Strategy):
             )
         if grads:
             torch._foreach_mul_(grads, factor)
+
+    def _zero3_gradient_partitions(self) -> list[torch.Tensor]:
+        """ZeRO 3: this rank's reduced fp32 gradient partition, as the views the optimizer steps from.
+
+        Parameters carry no `_hp_mapping` at stage 3; DeepSpeed refills
+        `optimizer.averaged_gradients` (sub-group -> views into its fp32 gradient buffer)
+        after every backward, since stage 3 reduces on every micro-step.
+        """
+        groups = getattr(self.engine.optimizer, "averaged_gradients", None)
+        if not isinstance(groups, dict):
+            raise UserError(
+                "this DeepSpeed version keeps ZeRO 3 gradients where the trainer cannot scale them exactly; "
+                "give the task a count function (Task.count / count=...) so that each micro-step's loss is "
+                "scaled before backward instead"
+            )
+        return [g for group in groups.values() if group is not None for g in group]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)  # plain torch.distributed: not counted as gradient communication
@@ -380,12 +412,27 @@ class DeepSpeedStrategy(Strategy):
         return None  # never reached: supports_plan_change is False
 
     # ------------------------------------------------------------------ state
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """At ZeRO 3 the module holds empty partitions: the fp32 masters, gathered (collective)."""
+        return self.fp32_state_dict() if self.zero_stage == 3 else self.module.state_dict()
+
+    def replicated_parameters(self) -> list[torch.Tensor]:
+        """ZeRO 3 shards the parameters: no rank holds a replica to compare."""
+        return [] if self.zero_stage == 3 else list(self.module.parameters())
+
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
         """See DeepSpeedTrainer.fp32_state_dict (collective: every rank calls it)."""
         state = {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.zero_stage == 3:
+            # the module's parameters are empty partitions: gather each one's fp32 master copy
+            for name, p in self.module.named_parameters():
+                if name in state:
+                    state[name] = safe_get_full_fp32_param(p).detach().reshape(p.ds_shape).clone()
+            return state
         if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
             return state
-        from deepspeed.utils import safe_get_full_fp32_param
 
         optimizer = self.engine.optimizer
         # ZeRO 0 in 16 bits (DeepSpeed's unfused fp16/bf16 optimizer): a full fp32 copy per parameter
@@ -404,7 +451,7 @@ class DeepSpeedStrategy(Strategy):
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, optimizer and scheduler live in the engine (ZeRO 1/2: fp32 master copies
+        """Weights, optimizer and scheduler live in the engine (ZeRO 1-3: fp32 master copies
         partitioned over the ranks) and go into DeepSpeed's own files (write_files)."""
         return {
             "model": None,
@@ -418,7 +465,10 @@ class DeepSpeedStrategy(Strategy):
     def write_files(self, tmp_dir: Path) -> None:
         """Every rank: DeepSpeed writes its own files into the checkpoint."""
         directory = Path(tmp_dir) / CHECKPOINT_SUBDIR
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        # universal_checkpoint_info: what ds_to_universal needs to convert these files later
+        self.engine.save_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, client_state={UNIVERSAL_INFO_KEY: {}}, save_latest=False
+        )
         if self.dist.rank == 0:
             from launcher.atomic import write_json_atomic
 
@@ -427,19 +477,28 @@ class DeepSpeedStrategy(Strategy):
 
     def read_files(self, checkpoint_dir: Path) -> None:
         """Restore the engine (weights, fp32 master copies, optimizer, scheduler) from a checkpoint."""
+        from launcher.atomic import parse_json
         from trainers.checkpoint import CheckpointError
+        from trainers.strategies import deepspeed_universal
 
         directory = Path(checkpoint_dir) / CHECKPOINT_SUBDIR
+        layout = directory / LAYOUT_FILE
         try:
-            saved = json.loads((directory / LAYOUT_FILE).read_text())
-        except (OSError, ValueError):
+            text = layout.read_text()
+        except (OSError, UnicodeDecodeError):
             raise CheckpointError(
-                f"{checkpoint_dir} has no DeepSpeed engine files ({directory / LAYOUT_FILE} is missing or unreadable): "
+                f"{checkpoint_dir} has no DeepSpeed engine files ({layout} is missing or unreadable): "
                 "it was not written by DeepSpeedTrainer; resume it with the trainer that wrote it"
             ) from None
+        saved = parse_json(text, str(layout), CheckpointError)
+        if not isinstance(saved, dict) or not {"zero_stage", "data_parallel_size"} <= saved.keys():
+            raise CheckpointError(f"{layout} does not say the ZeRO stage and data-parallel size: it is damaged")
         problem = resume_problem(saved, self.zero_stage, self.plan.data_parallel_size, self.precision)
         if problem:
             raise CheckpointError(f"cannot resume {checkpoint_dir} here: {problem}")
+        if needs_universal(saved, self.plan.data_parallel_size):
+            deepspeed_universal.resume(self.engine, directory, CHECKPOINT_TAG, saved, self.plan.data_parallel_size)
+            return
         load_path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load its checkpoint from {directory}")

@@ -188,7 +188,7 @@ def format_report(typed: VerifyReport) -> str:
     )
     if report.get("zero_stage", 0) >= 2 and k > 1:
         lines.append(
-            "  ZeRO 2 partitions gradients, so DeepSpeed reduces them on every micro-step by design "
+            f"  ZeRO {report['zero_stage']} partitions gradients, so DeepSpeed reduces them on every micro-step by design "
             "(ZeRO 0 and 1 reduce once per optimizer step)"
         )
     if report.get("precision", "fp32") != "fp32" and report["steps"]:
