@@ -469,3 +469,25 @@ def test_universal_conversion_that_fails_names_deepspeeds_reason_and_leaves_noth
     assert target == tmp_path / "engine_universal"
     assert error is not None and "ds_to_universal failed with status" in error, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+@pytest.mark.timeout(600)
+def test_a_lock_file_left_by_a_killed_deepspeed_start_does_not_hang_the_next(tmp_path):
+    """torch's JIT loader guards DeepSpeed's CPU comm op with a lock file; a process killed while
+    holding it used to make every later DeepSpeed start wait forever. The next start removes it."""
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(ShareMemCommBuilder.NAME, verbose=False)) / "lock"
+    lock.touch()  # what a SIGKILL during the build or load leaves
+    out = tmp_path / "final.pt"
+    r = subprocess.run(
+        [sys.executable, "examples/train.py", "--backend", "deepspeed", "--task", MLP_SUM, "--global-batch-size",
+         "4", "--micro-batch-size", "2", "--steps", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=500, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"removing {lock}, left by a process killed" in r.stderr
+    assert not lock.exists() and out.is_file()

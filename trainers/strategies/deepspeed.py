@@ -31,6 +31,7 @@ and loads that.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -254,6 +255,13 @@ class DeepSpeedStrategy(Strategy):
         deepspeed = import_deepspeed()
         # our launcher detection and world-size check first; DeepSpeed then adopts the group
         info = init_distributed(plan, self.backend, collective_timeout=self.collective_timeout)
+        # DeepSpeed asserts LOCAL_RANK (or OpenMPI's) is set; a plain `python script.py` has neither
+        if "LOCAL_RANK" not in os.environ and "OMPI_COMM_WORLD_LOCAL_RANK" not in os.environ:
+            os.environ["LOCAL_RANK"] = str(info.local_rank)
+        if info.device.type == "cpu":
+            from trainers.strategies.deepspeed_ops import load_comm_ops
+
+            load_comm_ops()  # never wait on a lock file a killed process left behind
         model.to(info.device)
         if optimizer is not None and not _is_optimizer(optimizer):
             optimizer = optimizer(model.parameters())
