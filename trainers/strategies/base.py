@@ -35,6 +35,23 @@ if TYPE_CHECKING:
     from trainers.trainer import CommonOptions
 
 
+def process_group_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the default process group, in place (a plain torch.distributed call)."""
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def process_group_sum_async(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start that sum; the returned function waits for it and returns the tensor."""
+    work = dist.all_reduce(tensor, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return tensor
+
+    return finish
+
+
 class Strategy:
     """Single-process defaults; subclasses override what their backend does differently."""
 

@@ -24,7 +24,7 @@ from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, DistInfo, init_distributed
 from trainers.precision import MixedPrecision
-from trainers.strategies.base import Strategy
+from trainers.strategies.base import Strategy, process_group_sum, process_group_sum_async
 from trainers.strategies.single import bind_precision
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class DDPStrategy(Strategy):
         self.collective_timeout = collective_timeout
         self.rounds: AllReduceRoundCounter | None = None
         self.dist: DistInfo | None = None
-        self.all_reduce_sum_async = self._all_reduce_sum_async
+        self.all_reduce_sum_async = process_group_sum_async
 
     def device_for(self, plan: BatchPlan) -> torch.device:
         return init_distributed(plan, self.backend, collective_timeout=self.collective_timeout).device
@@ -124,17 +124,7 @@ class DDPStrategy(Strategy):
         )
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
-
-    def _all_reduce_sum_async(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-        work = dist.all_reduce(tensor, async_op=True)
-
-        def finish() -> torch.Tensor:
-            work.wait()
-            return tensor
-
-        return finish
+        return process_group_sum(tensor)
 
     @property
     def reduce_gradients(self) -> Callable[[], None] | None:

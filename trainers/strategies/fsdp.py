@@ -25,20 +25,19 @@ with sync off after the last backward.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from launcher.errors import UserError
 from launcher.plan import BatchPlan
 from trainers import fsdp
 from trainers.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, DistInfo, init_distributed
 from trainers.precision import MixedPrecision
-from trainers.strategies.base import Strategy
+from trainers.strategies.base import Strategy, process_group_sum, process_group_sum_async
 from trainers.strategies.single import bind_precision
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ class FSDPStrategy(Strategy):
         self.collective_timeout = collective_timeout
         self.counter: fsdp.GradientReductionCounter | None = None
         self.dist: DistInfo | None = None
-        self.all_reduce_sum_async = self._all_reduce_sum_async
+        self.all_reduce_sum_async = process_group_sum_async
 
     def device_for(self, plan: BatchPlan) -> torch.device:
         return init_distributed(plan, self.backend, collective_timeout=self.collective_timeout).device
@@ -154,17 +153,7 @@ class FSDPStrategy(Strategy):
         return norm
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
-
-    def _all_reduce_sum_async(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-        work = dist.all_reduce(tensor, async_op=True)
-
-        def finish() -> torch.Tensor:
-            work.wait()
-            return tensor
-
-        return finish
+        return process_group_sum(tensor)
 
     def check_oom_fallback(self) -> str | None:
         return (
